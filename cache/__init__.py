@@ -1,0 +1,1 @@
+"""The Redis serving copy: per-user membership sets and the segment registry."""

@@ -1,0 +1,227 @@
+"""The Redis (Valkey) serving copy.  The key schema is documented in docs/cache-format.md.
+
+Every read is one round trip: a Lua script checks the completeness marker and
+returns the user's unexpired memberships with the registry version, so a flushed or
+restarted Redis is noticed on the very next read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from redis import exceptions as redis_errors
+
+from cache import keys
+from service.domain.errors import CacheUnavailable
+from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, UserState
+
+# Keys of users with nothing to expire by themselves are kept at least this long, so
+# their version outlives any slow writer holding an older state.
+MIN_KEY_TTL_S = 600
+
+_READ = """
+local complete, registry = unpack(redis.call('HMGET', KEYS[1], 'complete', 'registry'))
+if not complete or not registry then return false end
+local out = redis.call('ZRANGE', KEYS[2], ARGV[1], '+inf', 'BYSCORE')
+table.insert(out, 1, registry)
+return out
+"""
+
+# ARGV: version, pexpireat-ms (0: persist), then score/member pairs.
+_WRITE_USER = """
+local cur = redis.call('ZSCORE', KEYS[1], 'v')
+if cur and -tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZADD', KEYS[1], -tonumber(ARGV[1]), 'v')
+for i = 3, #ARGV, 1000 do
+  redis.call('ZADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if ARGV[2] ~= '0' then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+# KEYS: meta, registry.  ARGV: version, then id/entry pairs.
+_WRITE_REGISTRY = """
+local cur = redis.call('HGET', KEYS[1], 'registry')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[2])
+for i = 2, #ARGV, 1000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('HSET', KEYS[1], 'registry', ARGV[1])
+return 1
+"""
+
+# KEYS: meta, lease.  ARGV: generation.
+_FINISH_REBUILD = """
+if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'complete', ARGV[1])
+redis.call('HDEL', KEYS[1], 'building')
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# KEYS: lease.  ARGV: generation, lease-ms.
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_ERRORS = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    OSError,
+    TimeoutError,
+)
+
+
+@contextlib.asynccontextmanager
+async def _guard() -> AsyncIterator[None]:
+    try:
+        yield
+    except _ERRORS as exc:
+        raise CacheUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+def _score(expires_at: float) -> str:
+    return "+inf" if expires_at == NEVER else repr(expires_at)
+
+
+def _user_args(state: UserState, now: float) -> list[Any]:
+    args: list[Any] = [state.version, 0]
+    latest = 0.0
+    for m in state.memberships:
+        args += [_score(m.expires_at), m.segment_id]
+        latest = max(latest, m.expires_at)
+    for sid in state.excluded:
+        args += ["+inf", f"x{sid}"]
+        latest = NEVER
+    if latest != NEVER:
+        args[1] = int(max(latest, now + MIN_KEY_TTL_S) * 1000)
+    return args
+
+
+class RedisCache:
+    def __init__(self, client: redis.Redis) -> None:
+        self._r = client
+        self._read = client.register_script(_READ)
+        self._write_user = client.register_script(_WRITE_USER)
+        self._write_registry = client.register_script(_WRITE_REGISTRY)
+        self._finish = client.register_script(_FINISH_REBUILD)
+        self._renew = client.register_script(_RENEW_LEASE)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 0.25, pool_size: int = 64) -> RedisCache:
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=pool_size,
+            # Fail fast: the caller falls back to PostgreSQL instead of retrying here.
+            retry_on_timeout=False,
+        )
+        return cls(client)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            async with _guard():
+                return bool(await self._r.ping())
+        except CacheUnavailable:
+            return False
+
+    # -- reads ----------------------------------------------------------------
+
+    async def read_user(self, user_id: int, now: float) -> CachedUser | None:
+        async with _guard():
+            raw = await self._read(keys=[keys.META, keys.user(user_id)], args=[f"({now!r}"])
+        if raw is None:
+            return None
+        members: list[int] = []
+        excluded: list[int] = []
+        for item in raw[1:]:
+            if item[:1] == b"x":
+                excluded.append(int(item[1:]))
+            else:
+                members.append(int(item))
+        return CachedUser(int(raw[0]), tuple(members), tuple(excluded))
+
+    async def read_registry(self) -> Registry | None:
+        async with _guard(), self._r.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.META, "registry")
+            pipe.hgetall(keys.REGISTRY)
+            version, entries = await pipe.execute()
+        if version is None:
+            return None
+        segments = {}
+        for sid, raw in entries.items():
+            entry = orjson.loads(raw)
+            segments[int(sid)] = RegistryEntry(entry["slug"], entry.get("auto_bp"))
+        return Registry(int(version), segments)
+
+    async def is_complete(self) -> bool:
+        async with _guard():
+            return bool(await self._r.hexists(keys.META, "complete"))
+
+    # -- writes ---------------------------------------------------------------
+
+    async def write_users(self, states: Sequence[UserState]) -> None:
+        if not states:
+            return
+        now = time.time()
+        async with _guard():
+            if len(states) == 1:
+                state = states[0]
+                await self._write_user(keys=[keys.user(state.user_id)], args=_user_args(state, now))
+                return
+            async with self._r.pipeline(transaction=False) as pipe:
+                for state in states:
+                    await self._write_user(
+                        keys=[keys.user(state.user_id)], args=_user_args(state, now), client=pipe
+                    )
+                await pipe.execute()
+
+    async def write_registry(self, registry: Registry) -> None:
+        args: list[Any] = [registry.version]
+        for sid, entry in registry.segments.items():
+            args += [sid, orjson.dumps({"slug": entry.slug, "auto_bp": entry.auto_bp})]
+        async with _guard():
+            await self._write_registry(keys=[keys.META, keys.REGISTRY], args=args)
+
+    async def invalidate(self) -> None:
+        async with _guard():
+            await self._r.hdel(keys.META, "complete")
+
+    # -- rebuild --------------------------------------------------------------
+
+    async def begin_rebuild(self, lease_s: float) -> str | None:
+        generation = secrets.token_hex(8)
+        async with _guard():
+            if not await self._r.set(
+                keys.REBUILD_LEASE, generation, nx=True, px=int(lease_s * 1000)
+            ):
+                return None
+            # `building` lives in the meta hash, so a FLUSHALL during the rebuild
+            # erases it and the rebuild cannot mark an incomplete copy as complete.
+            await self._r.hset(keys.META, "building", generation)
+        return generation
+
+    async def renew_rebuild(self, generation: str, lease_s: float) -> bool:
+        async with _guard():
+            return bool(
+                await self._renew(keys=[keys.REBUILD_LEASE], args=[generation, int(lease_s * 1000)])
+            )
+
+    async def finish_rebuild(self, generation: str) -> bool:
+        async with _guard():
+            return bool(await self._finish(keys=[keys.META, keys.REBUILD_LEASE], args=[generation]))

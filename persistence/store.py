@@ -1,0 +1,328 @@
+"""The PostgreSQL store: the source of truth.
+
+Queries are SQL run on asyncpg directly: the tables are defined once in
+``persistence/tables.py`` (SQLAlchemy Core, for the migrations), while the hot write
+path avoids SQLAlchemy's per-statement compile and result-processing overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+
+from service.domain.changes import HistoryEvent, SegmentRef, plan_change
+from service.domain.errors import SegmentExists, SegmentNotFound, StorageUnavailable
+from service.domain.model import (
+    NEVER,
+    Membership,
+    Registry,
+    RegistryEntry,
+    Segment,
+    UserChange,
+    UserState,
+)
+
+# Serialises segment (registry) changes, so registry versions commit in order and a
+# reader that sees version N sees every change up to N.
+REGISTRY_LOCK = 0x5E6_0001
+
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+_SEGMENT_COLUMNS = "id, slug, description, auto_bp, created_at"
+
+
+def _ts(epoch: float | None) -> dt.datetime | None:
+    if epoch is None or epoch == NEVER:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.UTC)
+
+
+def _epoch(value: dt.datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _segment(row: asyncpg.Record) -> Segment:
+    return Segment(
+        id=row["id"],
+        slug=row["slug"],
+        description=row["description"],
+        auto_bp=row["auto_bp"],
+        created_at=row["created_at"],
+    )
+
+
+async def _insert_history(
+    conn: asyncpg.Connection, user_ids: Sequence[int], events: Sequence[HistoryEvent]
+) -> None:
+    if not events:
+        return
+    await conn.executemany(
+        "INSERT INTO membership_history (occurred_at, user_id, segment_id, slug, operation, cause)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (_ts(e.occurred_at), uid, e.segment_id, e.slug, e.operation, e.cause)
+            for uid, e in zip(user_ids, events, strict=True)
+        ],
+    )
+
+
+class PgStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0
+    ) -> PgStore:
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=command_timeout,
+                # PgBouncer-safe, and our statements are few: keep the cache small.
+                statement_cache_size=256,
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
+
+    @contextlib.asynccontextmanager
+    async def _tx(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:
+        async with self._conn() as conn, conn.transaction(**options):
+            yield conn
+
+    async def ping(self) -> bool:
+        try:
+            async with self._conn() as conn:
+                return bool(await conn.fetchval("SELECT 1"))
+        except StorageUnavailable:
+            return False
+
+    # -- segments -------------------------------------------------------------
+
+    async def create_segment(self, slug: str, description: str, auto_bp: int | None) -> Segment:
+        async with self._tx() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO segments (slug, description, auto_bp, version)"
+                    " VALUES ($1, $2, $3, nextval('change_id_seq'))"
+                    f" RETURNING {_SEGMENT_COLUMNS}",
+                    slug,
+                    description,
+                    auto_bp,
+                )
+            except asyncpg.UniqueViolationError:
+                raise SegmentExists(f"segment {slug!r} already exists", {"slug": slug}) from None
+        assert row is not None
+        return _segment(row)
+
+    async def list_segments(self) -> list[Segment]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE deleted_at IS NULL ORDER BY slug"
+            )
+        return [_segment(r) for r in rows]
+
+    async def get_segment(self, slug: str) -> Segment | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE slug = $1 AND deleted_at IS NULL",
+                slug,
+            )
+        return None if row is None else _segment(row)
+
+    async def delete_segment(self, slug: str) -> Segment:
+        async with self._tx() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
+            row = await conn.fetchrow(
+                "UPDATE segments SET deleted_at = now(), version = nextval('change_id_seq')"
+                f" WHERE slug = $1 AND deleted_at IS NULL RETURNING {_SEGMENT_COLUMNS}",
+                slug,
+            )
+            if row is None:
+                raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
+            # One `remove` per member at deletion time; a membership that had already
+            # expired (but was not swept yet) ends at its expiry instead.
+            await conn.execute(
+                """
+                INSERT INTO membership_history
+                    (occurred_at, user_id, segment_id, slug, operation, cause)
+                SELECT CASE WHEN expires_at <= now() THEN expires_at ELSE now() END,
+                       user_id, segment_id, $2, 'remove',
+                       CASE WHEN expires_at <= now() THEN 'expiry' ELSE 'segment_deleted' END
+                FROM memberships WHERE segment_id = $1
+                """,
+                row["id"],
+                slug,
+            )
+            await conn.execute("DELETE FROM memberships WHERE segment_id = $1", row["id"])
+            await conn.execute("DELETE FROM auto_exclusions WHERE segment_id = $1", row["id"])
+        return _segment(row)
+
+    async def registry(self) -> Registry:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT id, slug, auto_bp, deleted_at IS NULL AS live, version FROM segments"
+            )
+        return Registry(
+            version=max((r["version"] for r in rows), default=0),
+            segments={r["id"]: RegistryEntry(r["slug"], r["auto_bp"]) for r in rows if r["live"]},
+        )
+
+    # -- memberships ----------------------------------------------------------
+
+    async def apply_change(self, change: UserChange, expiries: Sequence[float | None]) -> UserState:
+        uid = change.user_id
+        slugs = [a.slug for a in change.add] + list(change.remove)
+        async with self._tx() as conn:
+            # The user's version row is the lock that serialises changes of one user;
+            # the version is drawn after the lock, so it grows in commit order.
+            lock = await conn.fetchrow(
+                "INSERT INTO user_versions (user_id, version)"
+                " VALUES ($1, nextval('change_id_seq'))"
+                " ON CONFLICT (user_id) DO UPDATE SET version = nextval('change_id_seq')"
+                " RETURNING version, extract(epoch FROM now())::float8 AS now",
+                uid,
+            )
+            assert lock is not None
+            # FOR SHARE: a concurrent delete of one of these segments waits for us (or
+            # we for it, and then see it deleted).
+            rows = await conn.fetch(
+                "SELECT id, slug, auto_bp FROM segments"
+                " WHERE slug = ANY($1::text[]) AND deleted_at IS NULL FOR SHARE",
+                slugs,
+            )
+            found = {r["slug"]: SegmentRef(r["id"], r["slug"], r["auto_bp"]) for r in rows}
+            unknown = sorted(set(slugs) - set(found))
+            if unknown:
+                raise SegmentNotFound("unknown segment(s); nothing was changed", {"slugs": unknown})
+            ids = [s.id for s in found.values()]
+            current = {
+                r["segment_id"]: _epoch(r["expires_at"])
+                for r in await conn.fetch(
+                    "SELECT segment_id, expires_at FROM memberships"
+                    " WHERE user_id = $1 AND segment_id = ANY($2::bigint[])",
+                    uid,
+                    ids,
+                )
+            }
+            excluded = frozenset(
+                r["segment_id"]
+                for r in await conn.fetch(
+                    "SELECT segment_id FROM auto_exclusions"
+                    " WHERE user_id = $1 AND segment_id = ANY($2::bigint[])",
+                    uid,
+                    ids,
+                )
+            )
+            plan = plan_change(change, expiries, found, current, excluded, lock["now"])
+            if plan.upsert:
+                await conn.execute(
+                    "INSERT INTO memberships (user_id, segment_id, expires_at)"
+                    " SELECT $1, s, e FROM unnest($2::bigint[], $3::timestamptz[]) AS t(s, e)"
+                    " ON CONFLICT (user_id, segment_id)"
+                    " DO UPDATE SET expires_at = EXCLUDED.expires_at, created_at = now()",
+                    uid,
+                    [s for s, _ in plan.upsert],
+                    [_ts(e) for _, e in plan.upsert],
+                )
+            if plan.delete:
+                await conn.execute(
+                    "DELETE FROM memberships WHERE user_id = $1 AND segment_id = ANY($2::bigint[])",
+                    uid,
+                    plan.delete,
+                )
+            if plan.exclude:
+                await conn.execute(
+                    "INSERT INTO auto_exclusions (user_id, segment_id)"
+                    " SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING",
+                    uid,
+                    plan.exclude,
+                )
+            if plan.unexclude:
+                await conn.execute(
+                    "DELETE FROM auto_exclusions"
+                    " WHERE user_id = $1 AND segment_id = ANY($2::bigint[])",
+                    uid,
+                    plan.unexclude,
+                )
+            await _insert_history(conn, [uid] * len(plan.events), plan.events)
+            states = await self._states(conn, [(uid, lock["version"])])
+        return states[0]
+
+    async def user_state(self, user_id: int) -> UserState:
+        async with self._tx(isolation="repeatable_read", readonly=True) as conn:
+            version = await conn.fetchval(
+                "SELECT version FROM user_versions WHERE user_id = $1", user_id
+            )
+            return (await self._states(conn, [(user_id, version or 0)]))[0]
+
+    async def user_states(self, batch_size: int) -> AsyncIterator[list[UserState]]:
+        after = 0
+        while True:
+            # One short snapshot per batch: versions and rows are read together, so a
+            # state is never labelled with a version newer than its contents.
+            async with self._tx(isolation="repeatable_read", readonly=True) as conn:
+                rows = await conn.fetch(
+                    """
+                    SELECT v.user_id, v.version FROM user_versions v
+                    WHERE v.user_id > $1
+                      AND (EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = v.user_id)
+                        OR EXISTS (SELECT 1 FROM auto_exclusions x WHERE x.user_id = v.user_id))
+                    ORDER BY v.user_id LIMIT $2
+                    """,
+                    after,
+                    batch_size,
+                )
+                if not rows:
+                    return
+                states = await self._states(conn, [(r["user_id"], r["version"]) for r in rows])
+            after = rows[-1]["user_id"]
+            yield states
+
+    async def _states(
+        self, conn: asyncpg.Connection, users: Sequence[tuple[int, int]]
+    ) -> list[UserState]:
+        ids = [uid for uid, _ in users]
+        members: dict[int, list[Membership]] = {uid: [] for uid in ids}
+        excluded: dict[int, set[int]] = {uid: set() for uid in ids}
+        for r in await conn.fetch(
+            "SELECT user_id, segment_id, extract(epoch FROM expires_at)::float8 AS exp"
+            " FROM memberships WHERE user_id = ANY($1::bigint[])",
+            ids,
+        ):
+            exp = r["exp"]
+            members[r["user_id"]].append(Membership(r["segment_id"], NEVER if exp is None else exp))
+        for r in await conn.fetch(
+            "SELECT user_id, segment_id FROM auto_exclusions WHERE user_id = ANY($1::bigint[])",
+            ids,
+        ):
+            excluded[r["user_id"]].add(r["segment_id"])
+        return [
+            UserState(uid, version, tuple(members[uid]), frozenset(excluded[uid]))
+            for uid, version in users
+        ]

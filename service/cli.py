@@ -1,0 +1,179 @@
+"""The ``segments`` command: one entry point for every process of the service.
+
+Exit codes: 0 done, 1 failed at run time, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.settings import ENV_PREFIX, Settings, load_settings
+
+log = logging.getLogger("segments")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from service.bootstrap import make_app
+
+    host = args.host or settings.http_host
+    port = args.port or settings.http_port
+    web.run_app(make_app(settings), host=host, port=port, access_log=None, print=None)
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from persistence.migrate import upgrade
+
+    if not settings.database_url:
+        log.error("%sDATABASE_URL is not set", ENV_PREFIX)
+        return 2
+    upgrade(settings.database_url)
+    log.info("migrations applied")
+    return 0
+
+
+def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    from service.bootstrap import build
+
+    async def run() -> bool:
+        container = await build(settings)
+        try:
+            await container.cache.invalidate()
+            return await container.segments.rebuild_cache()
+        finally:
+            await container.close()
+
+    return 0 if asyncio.run(run()) else 1
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    """Start the embedded stack (where no URL is configured), migrate, and run the API."""
+    from service.devstack import EmbeddedBroker, EmbeddedPostgres, EmbeddedValkey, free_port
+
+    data = Path(settings.data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    servers: list[EmbeddedPostgres | EmbeddedValkey | EmbeddedBroker] = []
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if not settings.database_url:
+            pg = EmbeddedPostgres(data / "postgres", free_port())
+            servers.append(pg)
+        if not settings.redis_url:
+            vk = EmbeddedValkey(data / "valkey", free_port())
+            servers.append(vk)
+        if not settings.kafka_bootstrap:
+            broker = EmbeddedBroker(data / "broker", free_port())
+            servers.append(broker)
+        for server in servers:
+            server.start()
+            log.info("started %s at %s", type(server).__name__, server.url)
+            if isinstance(server, EmbeddedPostgres):
+                env[ENV_PREFIX + "DATABASE_URL"] = server.url
+            elif isinstance(server, EmbeddedValkey):
+                env[ENV_PREFIX + "REDIS_URL"] = server.url
+            else:
+                env[ENV_PREFIX + "KAFKA_BOOTSTRAP"] = server.url
+        final = load_settings(env)
+        if cmd_migrate(final, args) != 0:
+            return 1
+        # Children get their own session: Ctrl-C reaches only this supervisor, which
+        # then stops them in order (API first, stores last).
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve"], env=env, start_new_session=True
+            )
+        )
+        host, port = final.http_host, final.http_port
+        print(
+            f"\nuser-segments is up: http://{host}:{port}/docs\n"
+            f"  {ENV_PREFIX}DATABASE_URL={final.database_url}\n"
+            f"  {ENV_PREFIX}REDIS_URL={final.redis_url}\n"
+            f"  {ENV_PREFIX}KAFKA_BOOTSTRAP={final.kafka_bootstrap}\n"
+            "Press Ctrl-C to stop everything.\n",
+            flush=True,
+        )
+        while not stopping:
+            if any(child.poll() is not None for child in children):
+                log.error("a service process exited; stopping everything")
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for server in reversed(servers):
+            server.stop()
+        log.info("stopped")
+
+
+COMMANDS = {
+    "serve": (cmd_serve, "run the HTTP API (reads from Redis, writes through PostgreSQL)"),
+    "migrate": (cmd_migrate, "apply the database migrations (alembic upgrade head)"),
+    "rebuild": (cmd_rebuild, "rebuild the Redis copy from PostgreSQL, then mark it complete"),
+    "dev": (
+        cmd_dev,
+        "start embedded PostgreSQL, Valkey and a Kafka-protocol broker where no URL is "
+        "configured, migrate, and run the API (what `make run` does)",
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segments",
+        description="user-segments: which segments is user X in? "
+        f"Configuration comes from {ENV_PREFIX}* environment variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "serve":
+            p.add_argument("--host", default=None, help="listen address (default: settings)")
+            p.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ValueError as exc:
+        print(f"segments: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    func, _ = COMMANDS[args.command]
+    return func(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Value objects of the domain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# Score used for a membership without expiry.
+NEVER = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    id: int
+    slug: str
+    description: str
+    # Share of users included automatically, in basis points (0..10000), or None.
+    auto_bp: int | None
+    created_at: datetime
+
+    @property
+    def auto_percent(self) -> float | None:
+        return None if self.auto_bp is None else self.auto_bp / 100
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    slug: str
+    auto_bp: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """The live segments, as every reader must see them.
+
+    ``version`` grows with every segment change (create, update, delete) and is what
+    lets a reader notice that its in-process copy is stale.
+    """
+
+    version: int
+    segments: dict[int, RegistryEntry] = field(default_factory=dict)
+
+    def auto_segments(self) -> list[tuple[int, RegistryEntry]]:
+        return [(sid, e) for sid, e in self.segments.items() if e.auto_bp]
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    segment_id: int
+    # Unix time (seconds) after which the membership no longer holds; NEVER if none.
+    expires_at: float = NEVER
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """A user's explicit memberships as of ``version`` (a monotonic change id).
+
+    ``excluded`` lists percentage segments the user was explicitly removed from.
+    Writers to the cache replace a user's whole state and only when their version is
+    newer, so out-of-order writers cannot undo each other.
+    """
+
+    user_id: int
+    version: int
+    memberships: tuple[Membership, ...] = ()
+    excluded: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class AddItem:
+    slug: str
+    # Absolute Unix time of expiry, or None for a membership that never expires.
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserChange:
+    """A validated, atomic change of one user's memberships."""
+
+    user_id: int
+    add: tuple[AddItem, ...]
+    remove: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedUser:
+    """What the cache answers for one user: unexpired memberships and exclusions,
+    with the registry version the reader must resolve them against."""
+
+    registry_version: int
+    member_ids: tuple[int, ...]
+    excluded_ids: tuple[int, ...] = ()

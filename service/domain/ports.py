@@ -1,0 +1,74 @@
+"""What the domain needs from the outside world.  Adapters in ``persistence/`` and
+``cache/`` implement these; tests use in-memory fakes of them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from service.domain.model import CachedUser, Registry, Segment, UserChange, UserState
+
+
+class Store(Protocol):
+    """The source of truth (PostgreSQL).  Every method is one transaction."""
+
+    async def create_segment(self, slug: str, description: str, auto_bp: int | None) -> Segment: ...
+
+    async def list_segments(self) -> list[Segment]: ...
+
+    async def get_segment(self, slug: str) -> Segment | None: ...
+
+    async def delete_segment(self, slug: str) -> Segment:
+        """Soft-delete and end every membership, with history.  Raises SegmentNotFound."""
+        ...
+
+    async def apply_change(self, change: UserChange, expiries: Sequence[float | None]) -> UserState:
+        """Apply a validated change atomically and return the user's state after it.
+
+        ``expiries`` are the resolved expiries of ``change.add``, in order.  Raises
+        SegmentNotFound, listing every unknown slug, and changes nothing then.
+        """
+        ...
+
+    async def user_state(self, user_id: int) -> UserState: ...
+
+    async def registry(self) -> Registry: ...
+
+    def user_states(self, batch_size: int) -> AsyncIterator[list[UserState]]:
+        """Every user with memberships or exclusions, in batches (for cache rebuilds)."""
+        ...
+
+
+class Cache(Protocol):
+    """The serving copy (Redis).  Writes are versioned: older states never win."""
+
+    async def read_user(self, user_id: int, now: float) -> CachedUser | None:
+        """The user's unexpired memberships, or None when the cache is not complete.
+
+        Raises CacheUnavailable when Redis does not answer in time.
+        """
+        ...
+
+    async def write_users(self, states: Sequence[UserState]) -> None: ...
+
+    async def read_registry(self) -> Registry | None: ...
+
+    async def write_registry(self, registry: Registry) -> None: ...
+
+    async def begin_rebuild(self, lease_s: float) -> str | None:
+        """Take the rebuild lease; return a generation token, or None if held elsewhere."""
+        ...
+
+    async def renew_rebuild(self, generation: str, lease_s: float) -> bool:
+        """Extend the lease; False if it was lost (the rebuild must stop)."""
+        ...
+
+    async def finish_rebuild(self, generation: str) -> bool:
+        """Mark the cache complete, unless it was flushed since ``begin_rebuild``."""
+        ...
+
+    async def is_complete(self) -> bool: ...
+
+    async def invalidate(self) -> None:
+        """Drop the completeness marker so readers fall back until the next rebuild."""
+        ...

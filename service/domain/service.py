@@ -1,0 +1,213 @@
+"""The use cases.  HTTP handlers, the consumer and the reconciler all call these."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.domain import rules
+from service.domain.errors import CacheUnavailable, InvalidRequest, SegmentNotFound
+from service.domain.model import AddItem, Registry, Segment, UserState
+from service.domain.ports import Cache, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    """One item of an ``add`` list before its expiry is resolved."""
+
+    slug: str
+    ttl_seconds: int | None = None
+    expires_at: float | None = None
+
+
+class SegmentService:
+    def __init__(
+        self,
+        store: Store,
+        cache: Cache,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_items: int = 1000,
+        fallback_concurrency: int = 16,
+        rebuild_batch: int = 5000,
+        rebuild_lease_s: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._clock = clock
+        self._max_items = max_items
+        self._fallback = asyncio.Semaphore(fallback_concurrency)
+        self._rebuild_batch = rebuild_batch
+        self._rebuild_lease_s = rebuild_lease_s
+        self._registry = Registry(version=0)
+        self._registry_lock = asyncio.Lock()
+        self._rebuild_task: asyncio.Task[bool] | None = None
+        # Counters for readiness and metrics.
+        self.reads_from_cache = 0
+        self.reads_from_store = 0
+
+    # -- segments -------------------------------------------------------------
+
+    async def create_segment(
+        self, slug: str, description: str = "", auto_percent: float | None = None
+    ) -> Segment:
+        if not rules.is_valid_slug(slug):
+            raise InvalidRequest(
+                f"invalid slug; a slug matches {rules.SLUG_PATTERN}", {"slug": slug}
+            )
+        auto_bp = None if auto_percent is None else rules.percent_to_bp(auto_percent)
+        segment = await self._store.create_segment(slug, description, auto_bp)
+        await self._publish_registry()
+        return segment
+
+    async def list_segments(self) -> list[Segment]:
+        return await self._store.list_segments()
+
+    async def get_segment(self, slug: str) -> Segment:
+        segment = await self._store.get_segment(slug)
+        if segment is None:
+            raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
+        return segment
+
+    async def delete_segment(self, slug: str) -> Segment:
+        segment = await self._store.delete_segment(slug)
+        await self._publish_registry()
+        return segment
+
+    # -- memberships ----------------------------------------------------------
+
+    async def update_user(
+        self, user_id: int, add: Sequence[AddRequest], remove: Sequence[str]
+    ) -> list[str]:
+        """Apply ``add``/``remove`` atomically; answer the user's segments after it."""
+        now = self._clock()
+        items = [
+            AddItem(a.slug, rules.resolve_expiry(now, a.ttl_seconds, a.expires_at, a.slug))
+            for a in add
+        ]
+        change = rules.validate_change(user_id, items, remove, max_items=self._max_items)
+        state = await self._store.apply_change(change, [i.expires_at for i in items])
+        await self._write_through([state])
+        # Answer through the normal read path: the caller sees exactly what the next
+        # read of this user will see.
+        return await self.user_segments(user_id)
+
+    async def user_segments(self, user_id: int) -> list[str]:
+        if not rules.is_valid_user_id(user_id):
+            raise InvalidRequest(
+                f"user_id must be an integer in {rules.USER_ID_MIN}..{rules.USER_ID_MAX}",
+                {"user_id": user_id},
+            )
+        now = self._clock()
+        try:
+            cached = await self._cache.read_user(user_id, now)
+        except CacheUnavailable:
+            cached = None
+        if cached is None:
+            return await self._read_from_store(user_id, now)
+        self.reads_from_cache += 1
+        registry = self._registry
+        if cached.registry_version != registry.version:
+            registry = await self._refresh_registry(cached.registry_version)
+        return rules.visible_slugs(registry, user_id, cached.member_ids, cached.excluded_ids)
+
+    async def _read_from_store(self, user_id: int, now: float) -> list[str]:
+        """Answer from PostgreSQL while the cache is incomplete or unreachable."""
+        self.reads_from_store += 1
+        self.start_rebuild()
+        async with self._fallback:
+            registry = await self._store.registry()
+            state = await self._store.user_state(user_id)
+        live = [m.segment_id for m in state.memberships if m.expires_at > now]
+        return rules.visible_slugs(registry, user_id, live, state.excluded)
+
+    # -- the cache ------------------------------------------------------------
+
+    async def _write_through(self, states: Sequence[UserState]) -> None:
+        try:
+            await self._cache.write_users(states)
+        except CacheUnavailable:
+            # The change is durable in PostgreSQL; the cache catches up on its
+            # rebuild (and, later, from the reconciler's outbox drain).
+            log.warning("cache write failed after commit; the cache will be rebuilt")
+            await self._invalidate_cache()
+
+    async def _publish_registry(self) -> None:
+        registry = await self._store.registry()
+        self._registry = registry
+        try:
+            await self._cache.write_registry(registry)
+        except CacheUnavailable:
+            log.warning("registry write failed after commit; the cache will be rebuilt")
+            await self._invalidate_cache()
+
+    async def _invalidate_cache(self) -> None:
+        try:
+            await self._cache.invalidate()
+        except CacheUnavailable:
+            # Redis is unreachable: reads fall back to PostgreSQL anyway.
+            pass
+
+    async def _refresh_registry(self, seen_version: int) -> Registry:
+        async with self._registry_lock:
+            if self._registry.version >= seen_version:
+                return self._registry
+            registry: Registry | None = None
+            with contextlib.suppress(CacheUnavailable):
+                registry = await self._cache.read_registry()
+            if registry is None or registry.version < seen_version:
+                registry = await self._store.registry()
+            self._registry = registry
+            return registry
+
+    def start_rebuild(self) -> None:
+        """Start rebuilding the cache in the background, once per process at a time."""
+        if self._rebuild_task is None or self._rebuild_task.done():
+            self._rebuild_task = asyncio.create_task(self.rebuild_cache())
+
+    async def rebuild_cache(self) -> bool:
+        """Copy PostgreSQL into Redis, then mark the cache complete.
+
+        Returns False when another process holds the rebuild lease or the cache was
+        flushed again meanwhile.  Safe to run concurrently with writes: every user
+        write is versioned, so the rebuild never overwrites a newer state.
+        """
+        try:
+            generation = await self._cache.begin_rebuild(self._rebuild_lease_s)
+            if generation is None:
+                return False
+            started = time.monotonic()
+            await self._cache.write_registry(await self._store.registry())
+            users = 0
+            async for batch in self._store.user_states(self._rebuild_batch):
+                if not await self._cache.renew_rebuild(generation, self._rebuild_lease_s):
+                    log.warning("cache rebuild lost its lease; another process continues")
+                    return False
+                await self._cache.write_users(batch)
+                users += len(batch)
+            done = await self._cache.finish_rebuild(generation)
+        except CacheUnavailable:
+            log.warning("cache rebuild interrupted: Redis unavailable")
+            return False
+        except Exception:
+            log.exception("cache rebuild failed")
+            return False
+        log.info(
+            "cache rebuild %s: %d users in %.2fs",
+            "complete" if done else "superseded",
+            users,
+            time.monotonic() - started,
+        )
+        return done
+
+    async def cache_complete(self) -> bool:
+        try:
+            return await self._cache.is_complete()
+        except CacheUnavailable:
+            return False

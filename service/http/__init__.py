@@ -1,0 +1,1 @@
+"""The HTTP adapter: aiohttp handlers over the service layer."""

@@ -1,0 +1,99 @@
+"""Builds the aiohttp application from the composition root's objects."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import orjson
+import swagger_ui
+from aiohttp import web
+
+from service.domain.service import SegmentService
+from service.http.errors import error_middleware
+from service.http.handlers import Handlers
+from service.http.openapi import build_openapi
+
+SWAGGER_STATIC = Path(swagger_ui.__file__).parent / "static"
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>user-segments API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script>
+</body></html>
+"""
+
+DOCS_INIT = "window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui'});\n"
+
+
+class Probes:
+    """Liveness and readiness."""
+
+    def __init__(
+        self,
+        segments: SegmentService,
+        store_ping: Callable[[], Awaitable[bool]],
+        cache_ping: Callable[[], Awaitable[bool]],
+    ) -> None:
+        self._svc = segments
+        self._store_ping = store_ping
+        self._cache_ping = cache_ping
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        store_ok = await self._store_ping()
+        cache_ok = await self._cache_ping()
+        complete = cache_ok and await self._svc.cache_complete()
+        if store_ok and complete:
+            status, code = "ready", 200
+        elif store_ok:
+            # Reads are answered (from PostgreSQL) while the cache is rebuilt.
+            status, code = ("rebuilding" if cache_ok else "cache_unavailable"), 503
+            self._svc.start_rebuild()
+        else:
+            status, code = "storage_unavailable", 503
+        checks = {"postgres": store_ok, "redis": cache_ok, "cache_complete": complete}
+        return web.json_response({"status": status, "checks": checks}, status=code)
+
+
+def create_app(
+    segments: SegmentService,
+    probes: Probes,
+    *,
+    max_body_bytes: int,
+) -> web.Application:
+    # aiohttp's own limit sits above ours so that our handler gives the JSON 413.
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes * 2)
+    h = Handlers(segments, max_body_bytes)
+    openapi = orjson.dumps(build_openapi())
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
+    async def docs(request: web.Request) -> web.Response:
+        return web.Response(text=DOCS_PAGE, content_type="text/html")
+
+    async def docs_init(request: web.Request) -> web.Response:
+        return web.Response(text=DOCS_INIT, content_type="application/javascript")
+
+    app.add_routes(
+        [
+            web.post("/v1/segments", h.create_segment),
+            web.get("/v1/segments", h.list_segments),
+            web.get("/v1/segments/{slug}", h.get_segment),
+            web.delete("/v1/segments/{slug}", h.delete_segment),
+            web.post("/v1/users/{user_id}/segments", h.update_user_segments),
+            web.get("/v1/users/{user_id}/segments", h.get_user_segments),
+            web.get("/healthz", probes.healthz),
+            web.get("/readyz", probes.readyz),
+            web.get("/openapi.json", openapi_json),
+            web.get("/docs", docs),
+            web.get("/docs/init.js", docs_init),
+            web.static("/docs/static", SWAGGER_STATIC),
+        ]
+    )
+    return app

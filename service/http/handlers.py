@@ -1,0 +1,122 @@
+"""Route handlers: decode and validate at the boundary, call the service, encode."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, TypeVar
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from service.domain.errors import InvalidRequest
+from service.domain.model import Segment
+from service.domain.rules import USER_ID_MAX, USER_ID_MIN
+from service.domain.service import AddRequest, SegmentService
+from service.http import schemas
+from service.http.errors import ApiError
+
+T = TypeVar("T")
+
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def segment_body(segment: Segment) -> dict[str, Any]:
+    return {
+        "slug": segment.slug,
+        "description": segment.description,
+        "auto_percent": segment.auto_percent,
+        "created_at": _iso(segment.created_at),
+    }
+
+
+async def decode(request: web.Request, kind: type[T], max_bytes: int) -> T:
+    """Read and validate a JSON body: 415, 413, 400 and 422 each say what to fix."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+            {"content_type": request.content_type},
+        )
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(
+            "payload_too_large", f"the body is limited to {max_bytes} bytes", {"limit": max_bytes}
+        )
+    raw = await request.read()
+    if len(raw) > max_bytes:
+        raise ApiError(
+            "payload_too_large", f"the body is limited to {max_bytes} bytes", {"limit": max_bytes}
+        )
+    dec = _DECODERS.get(kind)
+    if dec is None:
+        dec = _DECODERS[kind] = msgspec.json.Decoder(kind)
+    try:
+        return dec.decode(raw)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError("malformed_json", f"the body is not valid JSON: {exc}") from None
+
+
+def user_id_from(request: web.Request, name: str = "user_id") -> int:
+    raw = request.match_info[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not USER_ID_MIN <= value <= USER_ID_MAX or not raw.isdigit():
+        raise InvalidRequest(
+            f"{name} must be an integer in {USER_ID_MIN}..{USER_ID_MAX}", {name: raw}
+        )
+    return value
+
+
+class Handlers:
+    def __init__(self, segments: SegmentService, max_body_bytes: int) -> None:
+        self._svc = segments
+        self._max_body = max_body_bytes
+
+    async def create_segment(self, request: web.Request) -> web.Response:
+        body = await decode(request, schemas.SegmentCreate, self._max_body)
+        segment = await self._svc.create_segment(body.slug, body.description, body.auto_percent)
+        return _json(segment_body(segment), status=201)
+
+    async def list_segments(self, request: web.Request) -> web.Response:
+        segments = await self._svc.list_segments()
+        return _json({"segments": [segment_body(s) for s in segments]})
+
+    async def get_segment(self, request: web.Request) -> web.Response:
+        return _json(segment_body(await self._svc.get_segment(request.match_info["slug"])))
+
+    async def delete_segment(self, request: web.Request) -> web.Response:
+        await self._svc.delete_segment(request.match_info["slug"])
+        return web.Response(status=204)
+
+    async def update_user_segments(self, request: web.Request) -> web.Response:
+        user_id = user_id_from(request)
+        body = await decode(request, schemas.UserSegmentsUpdate, self._max_body)
+        add = [
+            AddRequest(item)
+            if isinstance(item, str)
+            else AddRequest(
+                item.slug,
+                item.ttl_seconds,
+                None if item.expires_at is None else item.expires_at.timestamp(),
+            )
+            for item in body.add
+        ]
+        segments = await self._svc.update_user(user_id, add, body.remove)
+        return _json({"user_id": user_id, "segments": segments})
+
+    async def get_user_segments(self, request: web.Request) -> web.Response:
+        user_id = user_id_from(request)
+        segments = await self._svc.user_segments(user_id)
+        return _json({"user_id": user_id, "segments": segments})

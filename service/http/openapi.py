@@ -1,0 +1,111 @@
+"""The OpenAPI 3.1 document, generated from the msgspec Structs that validate requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from service.http import schemas
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    request: type[Any] | None = None
+    response: type[Any] | None = None
+    status: int = 200
+    errors: tuple[int, ...] = ()
+    tag: str = "segments"
+
+
+OPERATIONS = [
+    Operation(
+        "post", "/v1/segments", "Create a segment", schemas.SegmentCreate, schemas.SegmentOut,
+        201, (409, 415, 422),
+    ),
+    Operation("get", "/v1/segments", "List live segments", None, schemas.SegmentList),
+    Operation("get", "/v1/segments/{slug}", "Get one segment", None, schemas.SegmentOut, 200, (404,)),
+    Operation("delete", "/v1/segments/{slug}", "Delete a segment", None, None, 204, (404,)),
+    Operation(
+        "post", "/v1/users/{user_id}/segments",
+        "Add and remove a user's segments atomically",
+        schemas.UserSegmentsUpdate, schemas.UserSegments, 200, (404, 413, 415, 422, 503),
+        "users",
+    ),
+    Operation(
+        "get", "/v1/users/{user_id}/segments", "A user's active segments, sorted",
+        None, schemas.UserSegments, 200, (422,), "users",
+    ),
+    Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
+    Operation(
+        "get", "/readyz", "Readiness: stores reachable and cache complete",
+        None, schemas.Health, 200, (503,), "operations",
+    ),
+]
+
+_PARAMS = {
+    "slug": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
+    "user_id": {
+        "schema": {"type": "integer", "minimum": schemas.USER_ID_MIN, "maximum": schemas.USER_ID_MAX}
+    },
+}
+
+
+def build_openapi() -> dict[str, Any]:
+    types = {op.request for op in OPERATIONS} | {op.response for op in OPERATIONS}
+    types.discard(None)
+    types.add(schemas.ErrorBody)
+    ordered = sorted(types, key=lambda t: t.__name__)  # type: ignore[union-attr]
+    refs, components = msgspec.json.schema_components(
+        ordered, ref_template="#/components/schemas/{name}"
+    )
+    ref_of = dict(zip(ordered, refs, strict=True))
+    error_content = {"application/json": {"schema": ref_of[schemas.ErrorBody]}}
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        responses: dict[str, Any] = {}
+        if op.response is None:
+            responses[str(op.status)] = {"description": "Done"}
+        else:
+            responses[str(op.status)] = {
+                "description": "OK",
+                "content": {"application/json": {"schema": ref_of[op.response]}},
+            }
+        for status in op.errors:
+            responses[str(status)] = {"description": "Error", "content": error_content}
+        entry: dict[str, Any] = {
+            "summary": op.summary,
+            "tags": [op.tag],
+            "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace(
+                "}", ""
+            ),
+            "responses": responses,
+        }
+        params = [
+            {"name": name, "in": "path", "required": True, **spec}
+            for name, spec in _PARAMS.items()
+            if "{" + name + "}" in op.path
+        ]
+        if params:
+            entry["parameters"] = params
+        if op.request is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref_of[op.request]}},
+            }
+        paths.setdefault(op.path, {})[op.method] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "user-segments",
+            "version": "1",
+            "description": "Which segments is user X in? Experiments, merchant audiences "
+            "and promotion sync. Errors are {\"error\": {\"code\", \"message\", \"details\"}}.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }

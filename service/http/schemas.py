@@ -1,0 +1,86 @@
+"""Request and response bodies.  The same Structs validate input and generate the
+OpenAPI document, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from service.domain.rules import SLUG_PATTERN, TTL_MAX_S, TTL_MIN_S, USER_ID_MAX, USER_ID_MIN
+
+MAX_ITEMS = 1000
+
+Slug = Annotated[
+    str,
+    Meta(
+        pattern=SLUG_PATTERN,
+        description="Case-sensitive segment name",
+        examples=["VOICE_MESSAGES"],
+    ),
+]
+UserId = Annotated[int, Meta(ge=USER_ID_MIN, le=USER_ID_MAX, examples=[1000])]
+
+
+class SegmentCreate(Struct, forbid_unknown_fields=True):
+    slug: Slug
+    auto_percent: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                le=100,
+                description="Share of all users included automatically (two decimals)",
+            ),
+        ]
+        | None
+    ) = None
+    description: Annotated[str, Meta(max_length=1000)] = ""
+
+
+class SegmentOut(Struct):
+    slug: str
+    description: str
+    auto_percent: float | None
+    created_at: dt.datetime
+
+
+class SegmentList(Struct):
+    segments: list[SegmentOut]
+
+
+class AddItem(Struct, forbid_unknown_fields=True):
+    slug: Slug
+    ttl_seconds: Annotated[int, Meta(ge=TTL_MIN_S, le=TTL_MAX_S)] | None = None
+    expires_at: Annotated[dt.datetime, Meta(tz=True)] | None = None
+
+
+class UserSegmentsUpdate(Struct, forbid_unknown_fields=True):
+    add: Annotated[list[Slug | AddItem], Meta(max_length=MAX_ITEMS)] = []
+    remove: Annotated[list[Slug], Meta(max_length=MAX_ITEMS)] = []
+
+
+class UserSegments(Struct):
+    user_id: int
+    segments: list[str]
+
+
+class ErrorDetail(Struct):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorBody(Struct):
+    error: ErrorDetail
+
+
+class Health(Struct):
+    status: str
+    checks: dict[str, Any] = {}
+
+
+def decoder(kind: type[Any]) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(kind)

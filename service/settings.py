@@ -1,0 +1,68 @@
+"""Configuration: every setting comes from a ``SEGMENTS_*`` environment variable.
+
+The environment is parsed once, at start-up, into a typed, immutable ``Settings``
+object; nothing else in the code reads ``os.environ``.  ``docs/operations.md`` lists
+the same fields.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+
+ENV_PREFIX = "SEGMENTS_"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    # Stores.  Empty URLs under `segments dev` mean "start the embedded server".
+    database_url: str = ""
+    redis_url: str = ""
+    kafka_bootstrap: str = ""
+
+    # HTTP.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    max_list_length: int = 1000
+
+    # PostgreSQL pool.  Writes hold a connection for one short transaction.
+    db_pool_min: int = 2
+    db_pool_max: int = 20
+    db_command_timeout_s: float = 5.0
+
+    # Redis.  Timeouts are short on purpose: a slow or paused Redis must make reads
+    # fall back to PostgreSQL quickly rather than hang the request.
+    redis_timeout_s: float = 0.25
+    redis_pool_size: int = 64
+    # Reads served from PostgreSQL while the cache is incomplete are bounded, so a
+    # cold cache cannot exhaust the database pool.
+    fallback_concurrency: int = 16
+    # Size of the user batches written to Redis while rebuilding the cache.
+    rebuild_batch: int = 5000
+
+    # Local data for `segments dev` (embedded servers).
+    data_dir: str = "var"
+
+    log_level: str = "INFO"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build ``Settings`` from ``SEGMENTS_*`` variables; raise ``ValueError`` on bad ones."""
+    env = os.environ if environ is None else environ
+    raw = {
+        name.removeprefix(ENV_PREFIX).lower(): value
+        for name, value in env.items()
+        if name.startswith(ENV_PREFIX)
+    }
+    known = set(Settings.__struct_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        names = ", ".join(ENV_PREFIX + n.upper() for n in unknown)
+        raise ValueError(f"unknown setting(s): {names}")
+    try:
+        # strict=False lets msgspec turn "8080" into 8080 and "0.25" into 0.25.
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid setting: {exc}") from exc

@@ -1,0 +1,102 @@
+"""The service layer on in-memory fakes: read path, write-through, fallback, rebuild."""
+
+import pytest
+
+from service.domain.errors import InvalidRequest, SegmentNotFound
+from service.domain.service import AddRequest, SegmentService
+from tests.fakes import FakeCache, FakeStore
+
+
+@pytest.fixture
+async def svc() -> tuple[SegmentService, FakeStore, FakeCache]:
+    store, cache = FakeStore(), FakeCache()
+    service = SegmentService(store, cache, clock=lambda: store.now)
+    assert await service.rebuild_cache()
+    return service, store, cache
+
+
+async def test_write_then_read_from_cache(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    await service.create_segment("B")
+    assert await service.update_user(5, [AddRequest("B"), AddRequest("A")], []) == ["A", "B"]
+    before = service.reads_from_store
+    assert await service.user_segments(5) == ["A", "B"]
+    assert service.reads_from_store == before
+
+
+async def test_unknown_slug_changes_nothing(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    with pytest.raises(SegmentNotFound) as err:
+        await service.update_user(5, [AddRequest("A"), AddRequest("NOPE")], [])
+    assert err.value.details == {"slugs": ["NOPE"]}
+    assert await service.user_segments(5) == []
+    assert store.history == []
+
+
+async def test_ttl_expires_to_the_second(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A", ttl_seconds=10)], [])
+    store.now += 9.999
+    assert await service.user_segments(5) == ["A"]
+    store.now += 0.001
+    assert await service.user_segments(5) == []
+
+
+async def test_flushed_cache_answers_from_store_then_rebuilds(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    cache.flush()
+    assert await service.user_segments(5) == ["A"]
+    assert service.reads_from_store >= 1
+    assert service._rebuild_task is not None
+    assert await service._rebuild_task
+    assert await cache.is_complete()
+    assert cache.users[5].memberships
+
+
+async def test_cache_down_falls_back_and_write_still_succeeds(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    cache.down = True
+    assert await service.update_user(5, [AddRequest("A")], []) == ["A"]
+    assert await service.user_segments(5) == ["A"]
+
+
+async def test_delete_hides_segment_at_once_and_recreate_is_empty(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    await service.delete_segment("A")
+    assert await service.user_segments(5) == []
+    await service.create_segment("A")
+    assert await service.user_segments(5) == []
+
+
+async def test_other_worker_sees_new_registry(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    other = SegmentService(store, cache, clock=lambda: store.now)
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    assert await other.user_segments(5) == ["A"]
+    await service.delete_segment("A")
+    assert await other.user_segments(5) == []
+
+
+async def test_stale_rebuild_never_overwrites_newer_state(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    old = await store.user_state(5)
+    await service.update_user(5, [], ["A"])
+    await cache.write_users([old])
+    assert await service.user_segments(5) == []
+
+
+async def test_invalid_user_id(svc) -> None:  # type: ignore[no-untyped-def]
+    service, _, _ = svc
+    with pytest.raises(InvalidRequest):
+        await service.user_segments(0)
