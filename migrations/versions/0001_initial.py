@@ -115,7 +115,9 @@ def upgrade() -> None:
     # This month, the last one (expiry events are stamped in the past) and a year ahead.
     op.execute(
         """
-        SELECT ensure_history_partition((date_trunc('month', now()) + make_interval(months => m))::date)
+        SELECT ensure_history_partition(
+            (date_trunc('month', now()) + make_interval(months => m))::date
+        )
         FROM generate_series(-1, 12) AS m
         """
     )

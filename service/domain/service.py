@@ -148,11 +148,9 @@ class SegmentService:
             await self._invalidate_cache()
 
     async def _invalidate_cache(self) -> None:
-        try:
+        # If Redis is unreachable, reads fall back to PostgreSQL anyway.
+        with contextlib.suppress(CacheUnavailable):
             await self._cache.invalidate()
-        except CacheUnavailable:
-            # Redis is unreachable: reads fall back to PostgreSQL anyway.
-            pass
 
     async def _refresh_registry(self, seen_version: int) -> Registry:
         async with self._registry_lock:

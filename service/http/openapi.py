@@ -24,33 +24,60 @@ class Operation:
 
 OPERATIONS = [
     Operation(
-        "post", "/v1/segments", "Create a segment", schemas.SegmentCreate, schemas.SegmentOut,
-        201, (409, 415, 422),
+        "post",
+        "/v1/segments",
+        "Create a segment",
+        schemas.SegmentCreate,
+        schemas.SegmentOut,
+        201,
+        (409, 415, 422),
     ),
     Operation("get", "/v1/segments", "List live segments", None, schemas.SegmentList),
-    Operation("get", "/v1/segments/{slug}", "Get one segment", None, schemas.SegmentOut, 200, (404,)),
+    Operation(
+        "get", "/v1/segments/{slug}", "Get one segment", None, schemas.SegmentOut, 200, (404,)
+    ),
     Operation("delete", "/v1/segments/{slug}", "Delete a segment", None, None, 204, (404,)),
     Operation(
-        "post", "/v1/users/{user_id}/segments",
+        "post",
+        "/v1/users/{user_id}/segments",
         "Add and remove a user's segments atomically",
-        schemas.UserSegmentsUpdate, schemas.UserSegments, 200, (404, 413, 415, 422, 503),
+        schemas.UserSegmentsUpdate,
+        schemas.UserSegments,
+        200,
+        (404, 413, 415, 422, 503),
         "users",
     ),
     Operation(
-        "get", "/v1/users/{user_id}/segments", "A user's active segments, sorted",
-        None, schemas.UserSegments, 200, (422,), "users",
+        "get",
+        "/v1/users/{user_id}/segments",
+        "A user's active segments, sorted",
+        None,
+        schemas.UserSegments,
+        200,
+        (422,),
+        "users",
     ),
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
     Operation(
-        "get", "/readyz", "Readiness: stores reachable and cache complete",
-        None, schemas.Health, 200, (503,), "operations",
+        "get",
+        "/readyz",
+        "Readiness: stores reachable and cache complete",
+        None,
+        schemas.Health,
+        200,
+        (503,),
+        "operations",
     ),
 ]
 
 _PARAMS = {
     "slug": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
     "user_id": {
-        "schema": {"type": "integer", "minimum": schemas.USER_ID_MIN, "maximum": schemas.USER_ID_MAX}
+        "schema": {
+            "type": "integer",
+            "minimum": schemas.USER_ID_MIN,
+            "maximum": schemas.USER_ID_MAX,
+        }
     },
 }
 
@@ -80,9 +107,9 @@ def build_openapi() -> dict[str, Any]:
         entry: dict[str, Any] = {
             "summary": op.summary,
             "tags": [op.tag],
-            "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace(
-                "}", ""
-            ),
+            "operationId": f"{op.method}_{op.path}".replace("/", "_")
+            .replace("{", "")
+            .replace("}", ""),
             "responses": responses,
         }
         params = [
@@ -104,7 +131,7 @@ def build_openapi() -> dict[str, Any]:
             "title": "user-segments",
             "version": "1",
             "description": "Which segments is user X in? Experiments, merchant audiences "
-            "and promotion sync. Errors are {\"error\": {\"code\", \"message\", \"details\"}}.",
+            'and promotion sync. Errors are {"error": {"code", "message", "details"}}.',
         },
         "paths": paths,
         "components": {"schemas": components},

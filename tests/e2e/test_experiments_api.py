@@ -36,7 +36,9 @@ async def segments_of(http: aiohttp.ClientSession, uid: int) -> list[str]:
 async def test_seed_example(http: aiohttp.ClientSession) -> None:
     for slug in SEED_SEGMENTS:
         await create(http, slug)
-    assert (await update(http, 1000, ["VOICE_MESSAGES", "PERFORMANCE_VAS", "DISCOUNT_30"]))[0] == 200
+    assert (await update(http, 1000, ["VOICE_MESSAGES", "PERFORMANCE_VAS", "DISCOUNT_30"]))[
+        0
+    ] == 200
     assert (await update(http, 1002, ["VOICE_MESSAGES", "DISCOUNT_50"]))[0] == 200
     assert await segments_of(http, 1000) == ["DISCOUNT_30", "PERFORMANCE_VAS", "VOICE_MESSAGES"]
     assert await segments_of(http, 1002) == ["DISCOUNT_50", "VOICE_MESSAGES"]

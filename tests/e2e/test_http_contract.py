@@ -21,10 +21,16 @@ async def error_of(resp: aiohttp.ClientResponse) -> tuple[int, str]:
         (b'{"add": ["A"], "extra": 1}', 422, "validation_error"),
         (b'{"add": ["has space"]}', 422, "validation_error"),
         (b'{"add": [{"slug": "A", "ttl_seconds": 0}]}', 422, "validation_error"),
-        (b'{"add": [{"slug": "A", "ttl_seconds": 5, "expires_at": "2099-01-01T00:00:00Z"}]}',
-         422, "validation_error"),
-        (b'{"add": [{"slug": "A", "expires_at": "2001-01-01T00:00:00Z"}]}', 422,
-         "validation_error"),
+        (
+            b'{"add": [{"slug": "A", "ttl_seconds": 5, "expires_at": "2099-01-01T00:00:00Z"}]}',
+            422,
+            "validation_error",
+        ),
+        (
+            b'{"add": [{"slug": "A", "expires_at": "2001-01-01T00:00:00Z"}]}',
+            422,
+            "validation_error",
+        ),
     ],
 )
 async def test_bad_update_bodies(
@@ -54,9 +60,7 @@ async def test_body_too_large(http: aiohttp.ClientSession) -> None:
 
 
 async def test_list_too_long(http: aiohttp.ClientSession) -> None:
-    async with http.post(
-        "/v1/users/5/segments", json={"add": [f"S{i}" for i in range(1001)]}
-    ) as r:
+    async with http.post("/v1/users/5/segments", json={"add": [f"S{i}" for i in range(1001)]}) as r:
         assert await error_of(r) == (422, "validation_error")
 
 

@@ -16,7 +16,7 @@ async def svc() -> tuple[SegmentService, FakeStore, FakeCache]:
 
 
 async def test_write_then_read_from_cache(svc) -> None:  # type: ignore[no-untyped-def]
-    service, store, cache = svc
+    service, _store, _cache = svc
     await service.create_segment("A")
     await service.create_segment("B")
     assert await service.update_user(5, [AddRequest("B"), AddRequest("A")], []) == ["A", "B"]
@@ -26,7 +26,7 @@ async def test_write_then_read_from_cache(svc) -> None:  # type: ignore[no-untyp
 
 
 async def test_unknown_slug_changes_nothing(svc) -> None:  # type: ignore[no-untyped-def]
-    service, store, cache = svc
+    service, store, _cache = svc
     await service.create_segment("A")
     with pytest.raises(SegmentNotFound) as err:
         await service.update_user(5, [AddRequest("A"), AddRequest("NOPE")], [])
@@ -36,7 +36,7 @@ async def test_unknown_slug_changes_nothing(svc) -> None:  # type: ignore[no-unt
 
 
 async def test_ttl_expires_to_the_second(svc) -> None:  # type: ignore[no-untyped-def]
-    service, store, cache = svc
+    service, store, _cache = svc
     await service.create_segment("A")
     await service.update_user(5, [AddRequest("A", ttl_seconds=10)], [])
     store.now += 9.999
@@ -46,7 +46,7 @@ async def test_ttl_expires_to_the_second(svc) -> None:  # type: ignore[no-untype
 
 
 async def test_flushed_cache_answers_from_store_then_rebuilds(svc) -> None:  # type: ignore[no-untyped-def]
-    service, store, cache = svc
+    service, _store, cache = svc
     await service.create_segment("A")
     await service.update_user(5, [AddRequest("A")], [])
     cache.flush()
@@ -59,7 +59,7 @@ async def test_flushed_cache_answers_from_store_then_rebuilds(svc) -> None:  # t
 
 
 async def test_cache_down_falls_back_and_write_still_succeeds(svc) -> None:  # type: ignore[no-untyped-def]
-    service, store, cache = svc
+    service, _store, cache = svc
     await service.create_segment("A")
     cache.down = True
     assert await service.update_user(5, [AddRequest("A")], []) == ["A"]
@@ -67,7 +67,7 @@ async def test_cache_down_falls_back_and_write_still_succeeds(svc) -> None:  # t
 
 
 async def test_delete_hides_segment_at_once_and_recreate_is_empty(svc) -> None:  # type: ignore[no-untyped-def]
-    service, store, cache = svc
+    service, _store, _cache = svc
     await service.create_segment("A")
     await service.update_user(5, [AddRequest("A")], [])
     await service.delete_segment("A")

@@ -4,7 +4,9 @@ from service.settings import load_settings
 
 
 def test_settings_from_environment() -> None:
-    s = load_settings({"SEGMENTS_HTTP_PORT": "9000", "SEGMENTS_REDIS_TIMEOUT_S": "0.5", "PATH": "x"})
+    s = load_settings(
+        {"SEGMENTS_HTTP_PORT": "9000", "SEGMENTS_REDIS_TIMEOUT_S": "0.5", "PATH": "x"}
+    )
     assert s.http_port == 9000
     assert s.redis_timeout_s == 0.5
 
