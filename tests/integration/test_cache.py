@@ -1,0 +1,94 @@
+"""The Redis adapter against a real Valkey server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cache import keys
+from cache.redis_cache import RedisCache
+from service.bootstrap import Container
+from service.domain.model import NEVER, Membership, Registry, RegistryEntry, UserState
+
+
+@pytest.fixture
+async def cache(clean: Container) -> RedisCache:
+    return clean.cache
+
+
+async def test_read_needs_the_completeness_marker(cache: RedisCache) -> None:
+    await cache.write_users([UserState(1, 5, (Membership(10),))])
+    assert (await cache.read_user(1, time.time())).member_ids == (10,)
+    await cache.invalidate()
+    assert await cache.read_user(1, time.time()) is None
+
+
+async def test_expiry_holds_to_the_second(cache: RedisCache) -> None:
+    now = time.time()
+    await cache.write_users([UserState(1, 5, (Membership(10, now + 5), Membership(11)))])
+    assert sorted((await cache.read_user(1, now + 4.999)).member_ids) == [10, 11]
+    assert (await cache.read_user(1, now + 5)).member_ids == (11,)
+
+
+async def test_older_version_never_overwrites_newer(cache: RedisCache) -> None:
+    await cache.write_users([UserState(1, 7, (Membership(10),))])
+    await cache.write_users([UserState(1, 6, (Membership(99),)), UserState(2, 1, (Membership(3),))])
+    assert (await cache.read_user(1, time.time())).member_ids == (10,)
+    assert (await cache.read_user(2, time.time())).member_ids == (3,)
+    await cache.write_users([UserState(1, 8, ())])
+    assert (await cache.read_user(1, time.time())).member_ids == ()
+    # The emptied user keeps its version for a while, so an old state cannot come back.
+    await cache.write_users([UserState(1, 7, (Membership(10),))])
+    assert (await cache.read_user(1, time.time())).member_ids == ()
+
+
+async def test_exclusions_round_trip(cache: RedisCache) -> None:
+    await cache.write_users([UserState(1, 2, (Membership(4),), frozenset({5, 6}))])
+    got = await cache.read_user(1, time.time())
+    assert got.member_ids == (4,)
+    assert sorted(got.excluded_ids) == [5, 6]
+
+
+async def test_key_expires_natively_when_everything_expires(cache: RedisCache) -> None:
+    far = time.time() + 3600
+    await cache.write_users([UserState(1, 2, (Membership(4, far),))])
+    ttl_ms = await cache._r.pttl(keys.user(1))
+    assert 3590_000 < ttl_ms <= 3600_000
+    await cache.write_users([UserState(1, 3, (Membership(4, NEVER),))])
+    assert await cache._r.pttl(keys.user(1)) == -1
+
+
+async def test_registry_is_versioned(cache: RedisCache) -> None:
+    await cache.write_registry(
+        Registry(10, {1: RegistryEntry("A", None), 2: RegistryEntry("B", 50)})
+    )
+    await cache.write_registry(Registry(9, {1: RegistryEntry("OLD", None)}))
+    reg = await cache.read_registry()
+    assert reg == Registry(10, {1: RegistryEntry("A", None), 2: RegistryEntry("B", 50)})
+
+
+async def test_flush_during_rebuild_is_not_marked_complete(cache: RedisCache) -> None:
+    await cache.invalidate()
+    generation = await cache.begin_rebuild(30)
+    assert generation is not None
+    assert await cache.begin_rebuild(30) is None  # the lease is held
+    await cache._r.flushall()
+    assert not await cache.finish_rebuild(generation)
+    assert not await cache.is_complete()
+    again = await cache.begin_rebuild(30)
+    assert again is not None
+    assert await cache.finish_rebuild(again)
+    assert await cache.is_complete()
+
+
+async def test_unreachable_redis_raises_cache_unavailable() -> None:
+    from service.domain.errors import CacheUnavailable
+
+    dead = RedisCache.from_url("redis://127.0.0.1:9/0", timeout_s=0.1)
+    started = time.monotonic()
+    with pytest.raises(CacheUnavailable):
+        await dead.read_user(1, time.time())
+    assert time.monotonic() - started < 1.0
+    assert not await dead.ping()
+    await dead.close()
