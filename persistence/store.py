@@ -155,6 +155,27 @@ class PgStore:
             )
         return None if row is None else _segment(row)
 
+    async def update_segment(
+        self, slug: str, *, description: str | None, auto_bp: int | None, set_auto: bool
+    ) -> Segment:
+        """Change a live segment's description and/or percentage rule."""
+        async with self._tx() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
+            row = await conn.fetchrow(
+                "UPDATE segments SET"
+                " description = coalesce($2, description),"
+                " auto_bp = CASE WHEN $3 THEN $4 ELSE auto_bp END,"
+                " version = nextval('change_id_seq')"
+                f" WHERE slug = $1 AND deleted_at IS NULL RETURNING {_SEGMENT_COLUMNS}",
+                slug,
+                description,
+                set_auto,
+                auto_bp,
+            )
+        if row is None:
+            raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
+        return _segment(row)
+
     async def delete_segment(self, slug: str) -> Segment:
         async with self._tx() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
@@ -326,3 +347,78 @@ class PgStore:
             UserState(uid, version, tuple(members[uid]), frozenset(excluded[uid]))
             for uid, version in users
         ]
+
+    # -- expiry ---------------------------------------------------------------
+
+    async def sweep_expired(self, limit: int) -> list[UserState]:
+        """End up to ``limit`` users' expired memberships, logging each at its expiry time.
+
+        Users are locked in id order with SKIP LOCKED, the same lock a change takes
+        first, so several sweepers (and the API) never block or deadlock each other,
+        and a membership is ended exactly once.  Returns the users' new states.
+        """
+        async with self._tx() as conn:
+            users = await conn.fetch(
+                """
+                SELECT v.user_id FROM user_versions v
+                WHERE v.user_id IN (
+                    SELECT DISTINCT user_id FROM memberships
+                    WHERE expires_at <= now() LIMIT $1)
+                ORDER BY v.user_id FOR UPDATE SKIP LOCKED
+                """,
+                limit,
+            )
+            if not users:
+                return []
+            ids = [r["user_id"] for r in users]
+            await conn.execute(
+                """
+                WITH ended AS (
+                    DELETE FROM memberships m
+                    WHERE m.user_id = ANY($1::bigint[]) AND m.expires_at <= now()
+                    RETURNING m.user_id, m.segment_id, m.expires_at
+                )
+                INSERT INTO membership_history
+                    (occurred_at, user_id, segment_id, slug, operation, cause)
+                SELECT e.expires_at, e.user_id, e.segment_id, s.slug, 'remove', 'expiry'
+                FROM ended e JOIN segments s ON s.id = e.segment_id
+                """,
+                ids,
+            )
+            rows = await conn.fetch(
+                "UPDATE user_versions SET version = nextval('change_id_seq')"
+                " WHERE user_id = ANY($1::bigint[]) RETURNING user_id, version",
+                ids,
+            )
+            return await self._states(conn, [(r["user_id"], r["version"]) for r in rows])
+
+    async def ensure_history_partitions(self, months_ahead: int = 3) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "SELECT ensure_history_partition("
+                "(date_trunc('month', now()) + make_interval(months => m))::date)"
+                " FROM generate_series(0, $1) AS m",
+                months_ahead,
+            )
+
+    # -- history --------------------------------------------------------------
+
+    async def history_rows(
+        self, start: dt.datetime, end: dt.datetime, user_id: int | None, chunk: int = 5000
+    ) -> AsyncIterator[list[tuple[int, str, str, dt.datetime]]]:
+        """Stream history events in [start, end) ordered by time, ``chunk`` rows at a time.
+
+        A server-side cursor keeps memory flat however large the month is; the range
+        on the partition key lets PostgreSQL read only that month's partition.
+        """
+        query = (
+            "SELECT user_id, slug, operation, occurred_at FROM membership_history"
+            " WHERE occurred_at >= $1 AND occurred_at < $2"
+            + ("" if user_id is None else " AND user_id = $3")
+            + " ORDER BY occurred_at, id"
+        )
+        args: list[Any] = [start, end] if user_id is None else [start, end, user_id]
+        async with self._tx(isolation="repeatable_read", readonly=True) as conn:
+            cursor = await conn.cursor(query, *args)
+            while rows := await cursor.fetch(chunk):
+                yield [tuple(r) for r in rows]

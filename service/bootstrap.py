@@ -7,6 +7,7 @@ connects at import time; ``build`` does, when a process starts.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from aiohttp import web
 from cache.redis_cache import RedisCache
 from persistence.store import PgStore
 from persistence.urls import asyncpg_url
+from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.app import Probes, create_app
-from service.settings import Settings
+from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class Container:
     store: PgStore
     cache: RedisCache
     segments: SegmentService
+    reports: HistoryReports
 
     async def close(self) -> None:
         await self.cache.close()
@@ -55,7 +58,14 @@ async def build(settings: Settings) -> Container:
         fallback_concurrency=settings.fallback_concurrency,
         rebuild_batch=settings.rebuild_batch,
     )
-    return Container(settings, store, cache, segments)
+    secret = settings.report_secret.encode()
+    if not secret:
+        log.warning(
+            "%sREPORT_SECRET is not set: report links work only on this process", ENV_PREFIX
+        )
+        secret = secrets.token_bytes(32)
+    reports = HistoryReports(store, secret, settings.report_link_ttl_s)
+    return Container(settings, store, cache, segments, reports)
 
 
 async def make_app(settings: Settings) -> web.Application:
@@ -63,8 +73,10 @@ async def make_app(settings: Settings) -> web.Application:
     container = await build(settings)
     app = create_app(
         container.segments,
+        container.reports,
         Probes(container.segments, container.store.ping, container.cache.ping),
         max_body_bytes=settings.max_body_bytes,
+        public_base_url=settings.public_base_url,
     )
 
     async def close(_: web.Application) -> None:

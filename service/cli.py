@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -64,6 +65,25 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if asyncio.run(run()) else 1
 
 
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from service import reconciler
+    from service.bootstrap import build
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        container = await build(settings)
+        try:
+            await reconciler.run(container, stop)
+        finally:
+            await container.close()
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Start the embedded stack (where no URL is configured), migrate, and run the API."""
     from service.devstack import EmbeddedBroker, EmbeddedPostgres, EmbeddedValkey, free_port
@@ -100,16 +120,21 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 env[ENV_PREFIX + "REDIS_URL"] = server.url
             else:
                 env[ENV_PREFIX + "KAFKA_BOOTSTRAP"] = server.url
+        # Every process signs and checks report links with the same secret.
+        env.setdefault(ENV_PREFIX + "REPORT_SECRET", secrets.token_hex(32))
         final = load_settings(env)
         if cmd_migrate(final, args) != 0:
             return 1
         # Children get their own session: Ctrl-C reaches only this supervisor, which
         # then stops them in order (API first, stores last).
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve"], env=env, start_new_session=True
+        for command in ("serve", "reconcile"):
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", command],
+                    env=env,
+                    start_new_session=True,
+                )
             )
-        )
         host, port = final.http_host, final.http_port
         print(
             f"\nuser-segments is up: http://{host}:{port}/docs\n"
@@ -143,11 +168,15 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS = {
     "serve": (cmd_serve, "run the HTTP API (reads from Redis, writes through PostgreSQL)"),
     "migrate": (cmd_migrate, "apply the database migrations (alembic upgrade head)"),
+    "reconcile": (
+        cmd_reconcile,
+        "run the reconciler: expiry sweeper (history at expiry time) and history partitions",
+    ),
     "rebuild": (cmd_rebuild, "rebuild the Redis copy from PostgreSQL, then mark it complete"),
     "dev": (
         cmd_dev,
         "start embedded PostgreSQL, Valkey and a Kafka-protocol broker where no URL is "
-        "configured, migrate, and run the API (what `make run` does)",
+        "configured, migrate, and run the API and the reconciler (what `make run` does)",
     ),
 }
 

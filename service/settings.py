@@ -42,6 +42,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Size of the user batches written to Redis while rebuilding the cache.
     rebuild_batch: int = 5000
 
+    # History reports.  Every API process must share the secret: links are signed with
+    # it.  Empty: a random per-process secret (fine for one process; `segments dev`
+    # generates one and shares it).
+    report_secret: str = ""
+    report_link_ttl_s: float = 3600.0
+    # Base of the report links handed out, e.g. https://segments.example.com; empty: the
+    # scheme and host of the request.
+    public_base_url: str = ""
+
+    # Reconciler: how often the expiry sweeper looks for expired memberships.
+    sweep_interval_s: float = 1.0
+    sweep_batch: int = 1000
+
     # Local data for `segments dev` (embedded servers).
     data_dir: str = "var"
 

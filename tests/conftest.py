@@ -65,6 +65,7 @@ async def clean(container: Container, db: asyncpg.Connection) -> Container:
 async def server(container: Container) -> AsyncIterator[TestServer]:
     app = create_app(
         container.segments,
+        container.reports,
         Probes(container.segments, container.store.ping, container.cache.ping),
         max_body_bytes=container.settings.max_body_bytes,
     )

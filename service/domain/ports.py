@@ -3,10 +3,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from service.domain.model import CachedUser, Registry, Segment, UserChange, UserState
+
+
+class HistorySource(Protocol):
+    def history_rows(
+        self, start: dt.datetime, end: dt.datetime, user_id: int | None
+    ) -> AsyncIterator[list[tuple[int, str, str, dt.datetime]]]:
+        """Events in [start, end) ordered by time: (user_id, slug, operation, at)."""
+        ...
 
 
 class Store(Protocol):
@@ -17,6 +26,10 @@ class Store(Protocol):
     async def list_segments(self) -> list[Segment]: ...
 
     async def get_segment(self, slug: str) -> Segment | None: ...
+
+    async def update_segment(
+        self, slug: str, *, description: str | None, auto_bp: int | None, set_auto: bool
+    ) -> Segment: ...
 
     async def delete_segment(self, slug: str) -> Segment:
         """Soft-delete and end every membership, with history.  Raises SegmentNotFound."""
@@ -31,6 +44,12 @@ class Store(Protocol):
         ...
 
     async def user_state(self, user_id: int) -> UserState: ...
+
+    async def sweep_expired(self, limit: int) -> list[UserState]:
+        """End expired memberships of up to ``limit`` users; return their new states."""
+        ...
+
+    async def ensure_history_partitions(self, months_ahead: int = 3) -> None: ...
 
     async def registry(self) -> Registry: ...
 

@@ -75,6 +75,25 @@ class SegmentService:
             raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
         return segment
 
+    async def update_segment(
+        self,
+        slug: str,
+        *,
+        description: str | None = None,
+        auto_percent: float | None = None,
+        set_auto: bool = False,
+    ) -> Segment:
+        """Change the description and/or the percentage rule (``set_auto``; None drops it).
+
+        Buckets are fixed per (segment, user), so raising the share only adds users.
+        """
+        auto_bp = None if auto_percent is None else rules.percent_to_bp(auto_percent)
+        segment = await self._store.update_segment(
+            slug, description=description, auto_bp=auto_bp, set_auto=set_auto
+        )
+        await self._publish_registry()
+        return segment
+
     async def delete_segment(self, slug: str) -> Segment:
         segment = await self._store.delete_segment(slug)
         await self._publish_registry()
@@ -116,6 +135,13 @@ class SegmentService:
         if cached.registry_version != registry.version:
             registry = await self._refresh_registry(cached.registry_version)
         return rules.visible_slugs(registry, user_id, cached.member_ids, cached.excluded_ids)
+
+    async def sweep_expired(self, limit: int = 1000) -> int:
+        """End expired memberships in PostgreSQL (history at expiry time) and refresh
+        those users in the cache.  Reads never depend on it: they filter by expiry."""
+        states = await self._store.sweep_expired(limit)
+        await self._write_through(states)
+        return len(states)
 
     async def _read_from_store(self, user_id: int, now: float) -> list[str]:
         """Answer from PostgreSQL while the cache is incomplete or unreachable."""

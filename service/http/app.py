@@ -9,6 +9,7 @@ import orjson
 import swagger_ui
 from aiohttp import web
 
+from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.errors import error_middleware
 from service.http.handlers import Handlers
@@ -62,13 +63,15 @@ class Probes:
 
 def create_app(
     segments: SegmentService,
+    reports: HistoryReports,
     probes: Probes,
     *,
     max_body_bytes: int,
+    public_base_url: str = "",
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that our handler gives the JSON 413.
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes * 2)
-    h = Handlers(segments, max_body_bytes)
+    h = Handlers(segments, reports, max_body_bytes, public_base_url)
     openapi = orjson.dumps(build_openapi())
 
     async def openapi_json(request: web.Request) -> web.Response:
@@ -85,9 +88,12 @@ def create_app(
             web.post("/v1/segments", h.create_segment),
             web.get("/v1/segments", h.list_segments),
             web.get("/v1/segments/{slug}", h.get_segment),
+            web.patch("/v1/segments/{slug}", h.update_segment),
             web.delete("/v1/segments/{slug}", h.delete_segment),
             web.post("/v1/users/{user_id}/segments", h.update_user_segments),
             web.get("/v1/users/{user_id}/segments", h.get_user_segments),
+            web.post("/v1/reports/history", h.create_report),
+            web.get("/v1/reports/history/{token}", h.download_report),
             web.get("/healthz", probes.healthz),
             web.get("/readyz", probes.readyz),
             web.get("/openapi.json", openapi_json),

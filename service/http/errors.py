@@ -22,6 +22,8 @@ STATUS_BY_CODE = {
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
+    "invalid_link": 403,
+    "link_expired": 410,
     "storage_unavailable": 503,
     "internal_error": 500,
 }

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from service.domain.errors import InvalidRequest
 from service.domain.model import Segment
+from service.domain.reports import HistoryReports
 from service.domain.rules import USER_ID_MAX, USER_ID_MIN
 from service.domain.service import AddRequest, SegmentService
 from service.http import schemas
@@ -80,9 +81,17 @@ def user_id_from(request: web.Request, name: str = "user_id") -> int:
 
 
 class Handlers:
-    def __init__(self, segments: SegmentService, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        segments: SegmentService,
+        reports: HistoryReports,
+        max_body_bytes: int,
+        public_base_url: str = "",
+    ) -> None:
         self._svc = segments
+        self._reports = reports
         self._max_body = max_body_bytes
+        self._base_url = public_base_url.rstrip("/")
 
     async def create_segment(self, request: web.Request) -> web.Response:
         body = await decode(request, schemas.SegmentCreate, self._max_body)
@@ -95,6 +104,17 @@ class Handlers:
 
     async def get_segment(self, request: web.Request) -> web.Response:
         return _json(segment_body(await self._svc.get_segment(request.match_info["slug"])))
+
+    async def update_segment(self, request: web.Request) -> web.Response:
+        body = await decode(request, schemas.SegmentUpdate, self._max_body)
+        set_auto = body.auto_percent is not msgspec.UNSET
+        segment = await self._svc.update_segment(
+            request.match_info["slug"],
+            description=None if body.description is msgspec.UNSET else body.description,
+            auto_percent=None if body.auto_percent is msgspec.UNSET else body.auto_percent,
+            set_auto=set_auto,
+        )
+        return _json(segment_body(segment))
 
     async def delete_segment(self, request: web.Request) -> web.Response:
         await self._svc.delete_segment(request.match_info["slug"])
@@ -120,3 +140,29 @@ class Handlers:
         user_id = user_id_from(request)
         segments = await self._svc.user_segments(user_id)
         return _json({"user_id": user_id, "segments": segments})
+
+    async def create_report(self, request: web.Request) -> web.Response:
+        body = await decode(request, schemas.ReportRequest, self._max_body)
+        token, expires_at = self._reports.create_link(body.period, body.user_id)
+        base = self._base_url or str(request.url.origin())
+        expires = dt.datetime.fromtimestamp(expires_at, dt.UTC)
+        return _json(
+            {"url": f"{base}/v1/reports/history/{token}", "expires_at": _iso(expires)}, status=201
+        )
+
+    async def download_report(self, request: web.Request) -> web.StreamResponse:
+        # Validate the link before the first byte: errors are still JSON.
+        start, end, user_id, period = self._reports.open_link(request.match_info["token"])
+        suffix = "" if user_id is None else f"-user-{user_id}"
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/csv; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="history-{period}{suffix}.csv"',
+                "Cache-Control": "no-store",
+            }
+        )
+        await response.prepare(request)
+        async for chunk in self._reports.stream(start, end, user_id):
+            await response.write(chunk)
+        await response.write_eof()
+        return response

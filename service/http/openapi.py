@@ -20,6 +20,8 @@ class Operation:
     status: int = 200
     errors: tuple[int, ...] = ()
     tag: str = "segments"
+    # Media type of a response that is not JSON.
+    media: str | None = None
 
 
 OPERATIONS = [
@@ -35,6 +37,15 @@ OPERATIONS = [
     Operation("get", "/v1/segments", "List live segments", None, schemas.SegmentList),
     Operation(
         "get", "/v1/segments/{slug}", "Get one segment", None, schemas.SegmentOut, 200, (404,)
+    ),
+    Operation(
+        "patch",
+        "/v1/segments/{slug}",
+        "Change a segment's percentage rule or description",
+        schemas.SegmentUpdate,
+        schemas.SegmentOut,
+        200,
+        (404, 415, 422),
     ),
     Operation("delete", "/v1/segments/{slug}", "Delete a segment", None, None, 204, (404,)),
     Operation(
@@ -57,6 +68,27 @@ OPERATIONS = [
         (422,),
         "users",
     ),
+    Operation(
+        "post",
+        "/v1/reports/history",
+        "Get a link to a month of membership history as CSV",
+        schemas.ReportRequest,
+        schemas.ReportLink,
+        201,
+        (415, 422),
+        "reports",
+    ),
+    Operation(
+        "get",
+        "/v1/reports/history/{token}",
+        "The CSV behind a report link: user_id;segment;operation;timestamp",
+        None,
+        None,
+        200,
+        (403, 410),
+        "reports",
+        "text/csv",
+    ),
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
     Operation(
         "get",
@@ -71,6 +103,7 @@ OPERATIONS = [
 ]
 
 _PARAMS = {
+    "token": {"schema": {"type": "string"}},
     "slug": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
     "user_id": {
         "schema": {
@@ -95,7 +128,12 @@ def build_openapi() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         responses: dict[str, Any] = {}
-        if op.response is None:
+        if op.media is not None:
+            responses[str(op.status)] = {
+                "description": "OK",
+                "content": {op.media: {"schema": {"type": "string"}}},
+            }
+        elif op.response is None:
             responses[str(op.status)] = {"description": "Done"}
         else:
             responses[str(op.status)] = {

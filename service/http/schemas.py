@@ -40,6 +40,13 @@ class SegmentCreate(Struct, forbid_unknown_fields=True):
     description: Annotated[str, Meta(max_length=1000)] = ""
 
 
+class SegmentUpdate(Struct, forbid_unknown_fields=True):
+    """Fields left out stay as they are; ``auto_percent: null`` drops the rule."""
+
+    auto_percent: Annotated[float, Meta(ge=0, le=100)] | msgspec.UnsetType | None = msgspec.UNSET
+    description: Annotated[str, Meta(max_length=1000)] | msgspec.UnsetType = msgspec.UNSET
+
+
 class SegmentOut(Struct):
     slug: str
     description: str
@@ -65,6 +72,16 @@ class UserSegmentsUpdate(Struct, forbid_unknown_fields=True):
 class UserSegments(Struct):
     user_id: int
     segments: list[str]
+
+
+class ReportRequest(Struct, forbid_unknown_fields=True):
+    period: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}$", examples=["2026-11"])]
+    user_id: UserId | None = None
+
+
+class ReportLink(Struct):
+    url: str
+    expires_at: dt.datetime
 
 
 class ErrorDetail(Struct):
