@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -403,22 +403,35 @@ class PgStore:
 
     # -- history --------------------------------------------------------------
 
-    async def history_rows(
-        self, start: dt.datetime, end: dt.datetime, user_id: int | None, chunk: int = 5000
-    ) -> AsyncIterator[list[tuple[int, str, str, dt.datetime]]]:
-        """Stream history events in [start, end) ordered by time, ``chunk`` rows at a time.
+    async def history_csv(
+        self,
+        start: dt.datetime,
+        end: dt.datetime,
+        user_id: int | None,
+        formula_starts: Sequence[str],
+        sink: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Stream events in [start, end), ordered by time, as ``;``-separated CSV rows.
 
-        A server-side cursor keeps memory flat however large the month is; the range
-        on the partition key lets PostgreSQL read only that month's partition.
+        PostgreSQL formats the CSV itself (COPY ... TO STDOUT) and asyncpg hands each
+        chunk to ``sink`` as it arrives, so memory stays flat however large the month
+        is, and the range on the partition key reads only that month's partition.
+        Measured on 1,000,000 rows (bench/report_history.py): a cursor with CSV
+        formatting in Python took 4.6 s, 10x the ceiling; COPY runs near the ceiling.
+        Segment cells starting with one of ``formula_starts`` get a leading apostrophe.
         """
+        user_filter = "" if user_id is None else " AND user_id = $4"
         query = (
-            "SELECT user_id, slug, operation, occurred_at FROM membership_history"
-            " WHERE occurred_at >= $1 AND occurred_at < $2"
-            + ("" if user_id is None else " AND user_id = $3")
-            + " ORDER BY occurred_at, id"
+            "SELECT user_id,"
+            " CASE WHEN left(slug, 1) = ANY($3::text[]) THEN '''' || slug ELSE slug END,"
+            " operation,"
+            " to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+            " FROM membership_history"
+            f" WHERE occurred_at >= $1 AND occurred_at < $2{user_filter}"
+            " ORDER BY occurred_at, id"
         )
-        args: list[Any] = [start, end] if user_id is None else [start, end, user_id]
-        async with self._tx(isolation="repeatable_read", readonly=True) as conn:
-            cursor = await conn.cursor(query, *args)
-            while rows := await cursor.fetch(chunk):
-                yield [tuple(r) for r in rows]
+        args: list[Any] = [start, end, list(formula_starts)]
+        if user_id is not None:
+            args.append(user_id)
+        async with self._conn() as conn:
+            await conn.copy_from_query(query, *args, output=sink, format="csv", delimiter=";")

@@ -258,6 +258,12 @@ class EmbeddedServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pids(self) -> list[int]:
+        """The server process and its live descendants (e.g. PostgreSQL backends)."""
+        pid = self.pid
+        return [] if pid is None else [pid, *_descendants(pid)]
+
     def start(self, timeout: float = 30) -> None:
         """Start the server and block until it answers requests. No-op when running."""
         if self.running:
@@ -265,12 +271,6 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout
         self._spawn()
         self._wait_ready(deadline)
-
-    @property
-    def pids(self) -> list[int]:
-        """The server process and its live descendants (e.g. PostgreSQL backends)."""
-        pid = self.pid
-        return [] if pid is None else [pid, *_descendants(pid)]
 
     def stop(self, timeout: float = 15) -> None:
         """Graceful shutdown: ``stop_signal``, wait, then SIGKILL. Idempotent."""
@@ -769,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # unwind through the context manager, like Ctrl-C
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Shells start background jobs with SIGINT ignored, and Python then keeps it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = EmbeddedStack(
         args.root,
         postgres_port=args.postgres_port,

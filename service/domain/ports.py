@@ -4,17 +4,23 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from service.domain.model import CachedUser, Registry, Segment, UserChange, UserState
 
 
 class HistorySource(Protocol):
-    def history_rows(
-        self, start: dt.datetime, end: dt.datetime, user_id: int | None
-    ) -> AsyncIterator[list[tuple[int, str, str, dt.datetime]]]:
-        """Events in [start, end) ordered by time: (user_id, slug, operation, at)."""
+    async def history_csv(
+        self,
+        start: dt.datetime,
+        end: dt.datetime,
+        user_id: int | None,
+        formula_starts: Sequence[str],
+        sink: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Write events in [start, end) ordered by time to ``sink`` as CSV rows
+        ``user_id;segment;operation;timestamp``, neutralising formula cells."""
         ...
 
 

@@ -8,14 +8,12 @@ a file, and a link cannot be guessed, altered or used after it expires.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as dt
 import hashlib
 import hmac
-import io
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -25,8 +23,9 @@ from service.domain.rules import is_valid_user_id
 
 _PERIOD = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 CSV_HEADER = ("user_id", "segment", "operation", "timestamp")
-# A cell starting with one of these is a formula to a spreadsheet (OWASP CSV injection).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A cell starting with one of these is a formula to a spreadsheet (OWASP CSV
+# injection); such cells get a leading apostrophe.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class LinkInvalid(DomainError):
@@ -82,25 +81,6 @@ def verify_link(secret: bytes, token: str, now: float) -> tuple[str, int | None]
     return period, user_id
 
 
-def safe_cell(value: str) -> str:
-    """Neutralise a cell a spreadsheet would run as a formula."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
-
-
-def iso(ts: dt.datetime) -> str:
-    return ts.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def csv_chunk(rows: list[tuple[int, str, str, dt.datetime]], header: bool = False) -> bytes:
-    """CSV text (``;``-separated, as in the brief's example) for a chunk of events."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter=";", lineterminator="\n")
-    if header:
-        writer.writerow(CSV_HEADER)
-    writer.writerows((uid, safe_cell(slug), op, iso(at)) for uid, slug, op, at in rows)
-    return buf.getvalue().encode()
-
-
 class HistoryReports:
     """Issues report links and streams the CSV behind them."""
 
@@ -131,9 +111,12 @@ class HistoryReports:
         start, end = parse_period(period, dt.datetime.fromtimestamp(now, dt.UTC))
         return start, end, user_id, period
 
-    async def stream(
-        self, start: dt.datetime, end: dt.datetime, user_id: int | None
-    ) -> AsyncIterator[bytes]:
-        yield csv_chunk([], header=True)
-        async for rows in self._store.history_rows(start, end, user_id):
-            yield csv_chunk(rows)
+    async def write_csv(
+        self,
+        start: dt.datetime,
+        end: dt.datetime,
+        user_id: int | None,
+        sink: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        await sink((";".join(CSV_HEADER) + "\n").encode())
+        await self._store.history_csv(start, end, user_id, FORMULA_STARTS, sink)

@@ -162,7 +162,6 @@ class Handlers:
             }
         )
         await response.prepare(request)
-        async for chunk in self._reports.stream(start, end, user_id):
-            await response.write(chunk)
+        await self._reports.write_csv(start, end, user_id, response.write)
         await response.write_eof()
         return response

@@ -180,3 +180,19 @@ async def test_report_links_reject_tampering_and_bad_periods(http: aiohttp.Clien
         async with http.post("/v1/reports/history", json={"period": period}) as r:
             assert r.status == 422
             assert (await r.json())["error"]["code"] == "validation_error"
+
+
+async def test_report_cells_cannot_start_a_formula(
+    http: aiohttp.ClientSession, db: asyncpg.Connection
+) -> None:
+    # The API never stores such a slug; the report neutralises it all the same.
+    await db.execute(
+        "INSERT INTO membership_history (occurred_at, user_id, segment_id, slug, operation, cause)"
+        " VALUES (now(), 1, 1, '=HYPERLINK(\"http://x\")', 'add', 'api'),"
+        "        (now(), 2, 1, 'PLAIN;SEMI', 'add', 'api')"
+    )
+    status, text = await report(http, period=dt.datetime.now(dt.UTC).strftime("%Y-%m"))
+    assert status == 200
+    lines = text.splitlines()
+    assert lines[1].startswith('1;"\'=HYPERLINK(""http://x"")";add;')
+    assert lines[2].startswith('2;"PLAIN;SEMI";add;')

@@ -1,0 +1,1 @@
+"""Benchmarks: each runs its own ceiling in the same run and reports ratios."""
