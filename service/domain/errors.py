@@ -39,3 +39,15 @@ class StorageUnavailable(DomainError):
 
 class CacheUnavailable(Exception):
     """Redis could not answer in time.  Never reaches a caller: reads fall back."""
+
+
+class CpUnavailable(DomainError):
+    """The downstream targeting service (CP) failed after retries; nothing was counted."""
+
+    code = "cp_unavailable"
+
+
+class CpRejected(DomainError):
+    """CP refused the request as invalid (a 4xx): retrying the same call cannot help."""
+
+    code = "cp_rejected"

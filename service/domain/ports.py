@@ -97,3 +97,21 @@ class Cache(Protocol):
     async def invalidate(self) -> None:
         """Drop the completeness marker so readers fall back until the next rebuild."""
         ...
+
+
+class CpGateway(Protocol):
+    """The downstream targeting service ("CP").  Contract: docs/cp-contract.md.
+
+    Every call is idempotent (by external id, or by an idempotency key), so a retry
+    after a lost response never applies anything twice.
+    """
+
+    async def create_segment(self, external_id: str, name: str, expires_at: dt.datetime) -> str:
+        """Create (or find) the CP segment for ``external_id``; return CP's segment id."""
+        ...
+
+    async def add_members(
+        self, segment_id: str, customer_ids: Sequence[int], idempotency_key: str
+    ) -> None:
+        """Add members (at most ``CpGateway.max_batch`` per call)."""
+        ...
