@@ -68,10 +68,11 @@ async def ceiling(url: str, start: dt.datetime, end: dt.datetime) -> tuple[float
 async def through_api(env: dict[str, str], period: str) -> tuple[float, int, int]:
     container = await build(load_settings(env))
     app = create_app(
-        container.segments,
-        container.reports,
-        Probes(container.segments, container.store.ping, container.cache.ping),
-        max_body_bytes=1 << 20,
+        segments=container.segments,
+        reports=container.reports,
+        audiences=container.audiences,
+        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        settings=container.settings,
     )
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()

@@ -14,3 +14,8 @@ REBUILD_LEASE = "seg:{meta}:rebuild-lease"
 
 def user(user_id: int) -> str:
     return f"seg:u:{{{user_id}}}"
+
+
+def synced(customer_id: int) -> str:
+    """A customer's active synced segments: promo id -> end of promo (Unix seconds)."""
+    return f"seg:c:{{{customer_id}}}"

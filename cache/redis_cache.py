@@ -33,6 +33,11 @@ table.insert(out, 1, registry)
 return out
 """
 
+_COUNT_SYNCED = """
+if not redis.call('HGET', KEYS[1], 'complete') then return false end
+return redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
+"""
+
 # ARGV: version, pexpireat-ms (0: persist), then score/member pairs.
 _WRITE_USER = """
 local cur = redis.call('ZSCORE', KEYS[1], 'v')
@@ -117,6 +122,7 @@ class RedisCache:
         self._write_registry = client.register_script(_WRITE_REGISTRY)
         self._finish = client.register_script(_FINISH_REBUILD)
         self._renew = client.register_script(_RENEW_LEASE)
+        self._count_synced = client.register_script(_COUNT_SYNCED)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 0.25, pool_size: int = 64) -> RedisCache:
@@ -225,3 +231,29 @@ class RedisCache:
     async def finish_rebuild(self, generation: str) -> bool:
         async with _guard():
             return bool(await self._finish(keys=[keys.META, keys.REBUILD_LEASE], args=[generation]))
+
+    # -- sync counters --------------------------------------------------------
+    # The mirror only grows (ZADD is idempotent) and entries stop counting when their
+    # end passes, so writers need no versions; keys expire with their last promo.
+
+    async def add_synced(self, customer_ids: Sequence[int], promo_id: str, until: float) -> None:
+        await self.write_ledger([(cid, promo_id, until) for cid in customer_ids])
+
+    async def write_ledger(self, rows: Sequence[tuple[int, str, float]]) -> None:
+        async with _guard():
+            for start in range(0, len(rows), 10_000):
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for cid, promo, until in rows[start : start + 10_000]:
+                        key = keys.synced(cid)
+                        pipe.zadd(key, {promo: until})
+                        # GT: a key's expiry only moves later, to its last promo's end.
+                        pipe.pexpireat(key, int(until * 1000), gt=True)
+                        pipe.pexpireat(key, int(until * 1000), nx=True)
+                    await pipe.execute()
+
+    async def synced_count(self, customer_id: int, now: float) -> int | None:
+        async with _guard():
+            count = await self._count_synced(
+                keys=[keys.META, keys.synced(customer_id)], args=[f"({now!r}"]
+            )
+        return None if count is None else int(count)

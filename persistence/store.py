@@ -102,7 +102,7 @@ class PgStore:
         await self._pool.close()
 
     @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self._pool.acquire() as conn:
                 yield conn
@@ -110,13 +110,13 @@ class PgStore:
             raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
 
     @contextlib.asynccontextmanager
-    async def _tx(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:
-        async with self._conn() as conn, conn.transaction(**options):
+    async def transaction(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:
+        async with self.connection() as conn, conn.transaction(**options):
             yield conn
 
     async def ping(self) -> bool:
         try:
-            async with self._conn() as conn:
+            async with self.connection() as conn:
                 return bool(await conn.fetchval("SELECT 1"))
         except StorageUnavailable:
             return False
@@ -124,7 +124,7 @@ class PgStore:
     # -- segments -------------------------------------------------------------
 
     async def create_segment(self, slug: str, description: str, auto_bp: int | None) -> Segment:
-        async with self._tx() as conn:
+        async with self.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
             try:
                 row = await conn.fetchrow(
@@ -141,14 +141,14 @@ class PgStore:
         return _segment(row)
 
     async def list_segments(self) -> list[Segment]:
-        async with self._conn() as conn:
+        async with self.connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE deleted_at IS NULL ORDER BY slug"
             )
         return [_segment(r) for r in rows]
 
     async def get_segment(self, slug: str) -> Segment | None:
-        async with self._conn() as conn:
+        async with self.connection() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_SEGMENT_COLUMNS} FROM segments WHERE slug = $1 AND deleted_at IS NULL",
                 slug,
@@ -159,7 +159,7 @@ class PgStore:
         self, slug: str, *, description: str | None, auto_bp: int | None, set_auto: bool
     ) -> Segment:
         """Change a live segment's description and/or percentage rule."""
-        async with self._tx() as conn:
+        async with self.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
             row = await conn.fetchrow(
                 "UPDATE segments SET"
@@ -177,7 +177,7 @@ class PgStore:
         return _segment(row)
 
     async def delete_segment(self, slug: str) -> Segment:
-        async with self._tx() as conn:
+        async with self.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
             row = await conn.fetchrow(
                 "UPDATE segments SET deleted_at = now(), version = nextval('change_id_seq')"
@@ -205,7 +205,7 @@ class PgStore:
         return _segment(row)
 
     async def registry(self) -> Registry:
-        async with self._conn() as conn:
+        async with self.connection() as conn:
             rows = await conn.fetch(
                 "SELECT id, slug, auto_bp, deleted_at IS NULL AS live, version FROM segments"
             )
@@ -219,7 +219,7 @@ class PgStore:
     async def apply_change(self, change: UserChange, expiries: Sequence[float | None]) -> UserState:
         uid = change.user_id
         slugs = [a.slug for a in change.add] + list(change.remove)
-        async with self._tx() as conn:
+        async with self.transaction() as conn:
             # The user's version row is the lock that serialises changes of one user;
             # the version is drawn after the lock, so it grows in commit order.
             lock = await conn.fetchrow(
@@ -296,7 +296,7 @@ class PgStore:
         return states[0]
 
     async def user_state(self, user_id: int) -> UserState:
-        async with self._tx(isolation="repeatable_read", readonly=True) as conn:
+        async with self.transaction(isolation="repeatable_read", readonly=True) as conn:
             version = await conn.fetchval(
                 "SELECT version FROM user_versions WHERE user_id = $1", user_id
             )
@@ -307,7 +307,7 @@ class PgStore:
         while True:
             # One short snapshot per batch: versions and rows are read together, so a
             # state is never labelled with a version newer than its contents.
-            async with self._tx(isolation="repeatable_read", readonly=True) as conn:
+            async with self.transaction(isolation="repeatable_read", readonly=True) as conn:
                 rows = await conn.fetch(
                     """
                     SELECT v.user_id, v.version FROM user_versions v
@@ -357,7 +357,7 @@ class PgStore:
         first, so several sweepers (and the API) never block or deadlock each other,
         and a membership is ended exactly once.  Returns the users' new states.
         """
-        async with self._tx() as conn:
+        async with self.transaction() as conn:
             users = await conn.fetch(
                 """
                 SELECT v.user_id FROM user_versions v
@@ -393,7 +393,7 @@ class PgStore:
             return await self._states(conn, [(r["user_id"], r["version"]) for r in rows])
 
     async def ensure_history_partitions(self, months_ahead: int = 3) -> None:
-        async with self._conn() as conn:
+        async with self.connection() as conn:
             await conn.execute(
                 "SELECT ensure_history_partition("
                 "(date_trunc('month', now()) + make_interval(months => m))::date)"
@@ -433,5 +433,5 @@ class PgStore:
         args: list[Any] = [start, end, list(formula_starts)]
         if user_id is not None:
             args.append(user_id)
-        async with self._conn() as conn:
+        async with self.connection() as conn:
             await conn.copy_from_query(query, *args, output=sink, format="csv", delimiter=";")

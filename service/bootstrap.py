@@ -14,10 +14,14 @@ from pathlib import Path
 from aiohttp import web
 
 from cache.redis_cache import RedisCache
+from persistence.audiences import PgAudienceStore
 from persistence.store import PgStore
 from persistence.urls import asyncpg_url
+from service.cp.client import CpClient
+from service.domain.audiences import AudienceService
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
+from service.http import schemas
 from service.http.app import Probes, create_app
 from service.settings import ENV_PREFIX, Settings
 
@@ -33,8 +37,12 @@ class Container:
     cache: RedisCache
     segments: SegmentService
     reports: HistoryReports
+    audience_store: PgAudienceStore
+    audiences: AudienceService
+    cp: CpClient
 
     async def close(self) -> None:
+        await self.cp.close()
         await self.cache.close()
         await self.store.close()
 
@@ -65,18 +73,32 @@ async def build(settings: Settings) -> Container:
         )
         secret = secrets.token_bytes(32)
     reports = HistoryReports(store, secret, settings.report_link_ttl_s)
-    return Container(settings, store, cache, segments, reports)
+    audience_store = PgAudienceStore(store)
+    cp = CpClient(
+        settings.cp_url or "http://127.0.0.1:9/",
+        timeout_s=settings.cp_timeout_s,
+        max_attempts=settings.cp_max_attempts,
+    )
+    audiences = AudienceService(
+        audience_store,
+        cache,
+        cp,
+        threshold=settings.sync_threshold,
+        max_ids=schemas.MAX_AUDIENCE_IDS,
+    )
+    segments.add_rebuild_phase(audiences.rebuild_counters)
+    return Container(settings, store, cache, segments, reports, audience_store, audiences, cp)
 
 
 async def make_app(settings: Settings) -> web.Application:
     """The API application, with its adapters connected; they close on clean-up."""
     container = await build(settings)
     app = create_app(
-        container.segments,
-        container.reports,
-        Probes(container.segments, container.store.ping, container.cache.ping),
-        max_body_bytes=settings.max_body_bytes,
-        public_base_url=settings.public_base_url,
+        segments=container.segments,
+        reports=container.reports,
+        audiences=container.audiences,
+        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        settings=settings,
     )
 
     async def close(_: web.Application) -> None:

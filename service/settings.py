@@ -55,6 +55,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 1.0
     sweep_batch: int = 1000
 
+    # Merchant audiences.  The internal endpoint takes one JSON body per request,
+    # buffered, up to this size (32 MiB holds ~1.4 million ids).
+    max_audience_body_bytes: int = 32 * 1024 * 1024
+    kafka_topic: str = "merchant-segments"
+    kafka_dlq_topic: str = "merchant-segments.dlq"
+    kafka_group: str = "segments-ingest"
+    kafka_max_batch: int = 500
+    # A multi-part snapshot whose parts stop arriving is dropped after this long.
+    snapshot_part_ttl_s: float = 600.0
+
+    # Promo sync to CP.
+    cp_url: str = ""
+    cp_timeout_s: float = 2.0
+    cp_max_attempts: int = 4
+    sync_threshold: int = 5
+
     # Local data for `segments dev` (embedded servers).
     data_dir: str = "var"
 

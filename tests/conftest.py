@@ -15,11 +15,16 @@ from aiohttp.test_utils import TestServer
 
 from persistence.migrate import upgrade
 from service.bootstrap import Container, build
+from service.cp.emulator import create_emulator_app
 from service.devstack import EmbeddedStack
 from service.http.app import Probes, create_app
 from service.settings import Settings, load_settings
 
-TABLES = "membership_history, memberships, auto_exclusions, user_versions, segments"
+TABLES = (
+    "membership_history, memberships, auto_exclusions, user_versions, segments,"
+    " audiences, audience_members, audience_history, snapshot_parts, ingest_offsets,"
+    " promo_syncs, promo_sync_members, sync_ledger"
+)
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +39,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
 
 
 @pytest.fixture(scope="session")
-def settings(stack: EmbeddedStack) -> Settings:
-    return load_settings({**stack.env(), "SEGMENTS_FALLBACK_CONCURRENCY": "8"})
+async def cp_server() -> AsyncIterator[TestServer]:
+    """The CP emulator: a real HTTP server standing in for the external CP."""
+    srv = TestServer(create_emulator_app(), host="127.0.0.1")
+    await srv.start_server()
+    yield srv
+    await srv.close()
+
+
+@pytest.fixture(scope="session")
+async def settings(stack: EmbeddedStack, cp_server: TestServer) -> Settings:
+    return load_settings(
+        {
+            **stack.env(),
+            "SEGMENTS_FALLBACK_CONCURRENCY": "8",
+            "SEGMENTS_CP_URL": str(cp_server.make_url("")),
+            "SEGMENTS_CP_MAX_ATTEMPTS": "3",
+            "SEGMENTS_SYNC_THRESHOLD": "2",
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +75,15 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def cp(cp_server: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client of the CP emulator's admin API, reset before each test."""
+    async with aiohttp.ClientSession(base_url=str(cp_server.make_url(""))) as session:
+        async with session.post("/_admin/reset") as r:
+            assert r.status == 204
+        yield session
+
+
+@pytest.fixture
 async def clean(container: Container, db: asyncpg.Connection) -> Container:
     """Empty both stores and mark the (empty) cache complete, as after a rebuild."""
     await db.execute(f"TRUNCATE {TABLES} CASCADE")
@@ -64,10 +95,11 @@ async def clean(container: Container, db: asyncpg.Connection) -> Container:
 @pytest.fixture(scope="session")
 async def server(container: Container) -> AsyncIterator[TestServer]:
     app = create_app(
-        container.segments,
-        container.reports,
-        Probes(container.segments, container.store.ping, container.cache.ping),
-        max_body_bytes=container.settings.max_body_bytes,
+        segments=container.segments,
+        reports=container.reports,
+        audiences=container.audiences,
+        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        settings=container.settings,
     )
     srv = TestServer(app, host="127.0.0.1")
     await srv.start_server()

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from service.domain import rules
@@ -48,6 +48,9 @@ class SegmentService:
         self._registry = Registry(version=0)
         self._registry_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[bool] | None = None
+        # Other parts of the cache (e.g. sync counters) rebuilt with the same lease and
+        # before the same completeness marker.
+        self._rebuild_phases: list[Callable[[], Awaitable[None]]] = []
         # Counters for readiness and metrics.
         self.reads_from_cache = 0
         self.reads_from_store = 0
@@ -190,6 +193,9 @@ class SegmentService:
             self._registry = registry
             return registry
 
+    def add_rebuild_phase(self, phase: Callable[[], Awaitable[None]]) -> None:
+        self._rebuild_phases.append(phase)
+
     def start_rebuild(self) -> None:
         """Start rebuilding the cache in the background, once per process at a time."""
         if self._rebuild_task is None or self._rebuild_task.done():
@@ -215,6 +221,8 @@ class SegmentService:
                     return False
                 await self._cache.write_users(batch)
                 users += len(batch)
+            for phase in self._rebuild_phases:
+                await phase()
             done = await self._cache.finish_rebuild(generation)
         except CacheUnavailable:
             log.warning("cache rebuild interrupted: Redis unavailable")

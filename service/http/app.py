@@ -9,11 +9,14 @@ import orjson
 import swagger_ui
 from aiohttp import web
 
+from service.domain.audiences import AudienceService
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
+from service.http.audience_handlers import AudienceHandlers
 from service.http.errors import error_middleware
 from service.http.handlers import Handlers
 from service.http.openapi import build_openapi
+from service.settings import Settings
 
 SWAGGER_STATIC = Path(swagger_ui.__file__).parent / "static"
 
@@ -62,16 +65,19 @@ class Probes:
 
 
 def create_app(
+    *,
     segments: SegmentService,
     reports: HistoryReports,
+    audiences: AudienceService,
     probes: Probes,
-    *,
-    max_body_bytes: int,
-    public_base_url: str = "",
+    settings: Settings,
 ) -> web.Application:
-    # aiohttp's own limit sits above ours so that our handler gives the JSON 413.
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes * 2)
-    h = Handlers(segments, reports, max_body_bytes, public_base_url)
+    # aiohttp's own limit sits above ours so that our handlers give the JSON 413.
+    limit = max(settings.max_body_bytes, settings.max_audience_body_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=limit * 2)
+    h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
+    a = AudienceHandlers(audiences, settings.max_audience_body_bytes)
+    customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
     openapi = orjson.dumps(build_openapi())
 
     async def openapi_json(request: web.Request) -> web.Response:
@@ -92,6 +98,11 @@ def create_app(
             web.delete("/v1/segments/{slug}", h.delete_segment),
             web.post("/v1/users/{user_id}/segments", h.update_user_segments),
             web.get("/v1/users/{user_id}/segments", h.get_user_segments),
+            web.put(customers, a.replace),
+            web.patch(customers, a.patch),
+            web.get("/v1/merchants/{merchant_id}/segments/{segment_type}", a.get),
+            web.post("/v1/merchants/{merchant_id}/segments/{segment_type}/sync", a.sync),
+            web.get("/v1/customers/{customer_id}/sync-count", a.sync_count),
             web.post("/v1/reports/history", h.create_report),
             web.get("/v1/reports/history/{token}", h.download_report),
             web.get("/healthz", probes.healthz),

@@ -102,7 +102,11 @@ OPERATIONS = [
     ),
 ]
 
+_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
 _PARAMS = {
+    "merchant_id": {"schema": _ID_SCHEMA},
+    "customer_id": {"schema": _ID_SCHEMA},
+    "segment_type": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
     "token": {"schema": {"type": "string"}},
     "slug": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
     "user_id": {

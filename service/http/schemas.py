@@ -84,6 +84,44 @@ class ReportLink(Struct):
     expires_at: dt.datetime
 
 
+MAX_AUDIENCE_IDS = 1_000_000
+CustomerId = Annotated[int, Meta(ge=USER_ID_MIN, le=USER_ID_MAX)]
+
+
+class CustomersReplace(Struct, forbid_unknown_fields=True):
+    customer_ids: Annotated[list[CustomerId], Meta(max_length=MAX_AUDIENCE_IDS)]
+
+
+class CustomersPatch(Struct, forbid_unknown_fields=True):
+    add: Annotated[list[CustomerId], Meta(max_length=MAX_AUDIENCE_IDS)] = []
+    remove: Annotated[list[CustomerId], Meta(max_length=MAX_AUDIENCE_IDS)] = []
+
+
+class AudienceOut(Struct):
+    merchant_id: int
+    segment_type: str
+    customers: int
+    version: int
+    updated_at: dt.datetime
+
+
+class SyncRequest(Struct, forbid_unknown_fields=True):
+    promo_id: Slug
+    end_date: dt.date
+
+
+class SyncOut(Struct):
+    promo_id: str
+    synced: int
+    skipped_over_threshold: int
+    cp_segment_id: str
+
+
+class SyncCount(Struct):
+    customer_id: int
+    active_synced_segments: int
+
+
 class ErrorDetail(Struct):
     code: str
     message: str

@@ -1,0 +1,418 @@
+"""Merchant audiences, Kafka positions and promo syncs in PostgreSQL.
+
+Bulk paths use COPY (asyncpg's binary ``copy_records_to_table``), never row-by-row
+inserts: a replace writes a new generation of member rows and switches the audience's
+pointer to it in the same transaction, so readers see the old list or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+
+from persistence.store import PgStore
+from service.domain.audiences import (
+    AudienceChange,
+    AudienceInfo,
+    AudienceKey,
+    StaleSnapshot,
+    SyncRecord,
+)
+
+_INFO = "merchant_id, segment_type, customers, version, updated_at"
+
+
+def _info(row: asyncpg.Record) -> AudienceInfo:
+    return AudienceInfo(
+        AudienceKey(row["merchant_id"], row["segment_type"]),
+        row["customers"],
+        row["version"],
+        row["updated_at"],
+    )
+
+
+class PgAudienceStore:
+    def __init__(self, store: PgStore) -> None:
+        # Shares the pool and error mapping of the main store.
+        self._pg = store
+
+    # -- applying changes -----------------------------------------------------
+
+    async def apply(self, change: AudienceChange) -> AudienceInfo | None:
+        async with self._pg.transaction() as conn:
+            return await self._apply(conn, change)
+
+    async def apply_batch(
+        self, topic: str, partition: int, changes: Sequence[tuple[int, AudienceChange | None]]
+    ) -> int:
+        if not changes:
+            return 0
+        async with self._pg.transaction() as conn:
+            stored = await conn.fetchval(
+                "SELECT next_offset FROM ingest_offsets"
+                " WHERE topic = $1 AND partition = $2 FOR UPDATE",
+                topic,
+                partition,
+            )
+            start = -1 if stored is None else stored
+            applied = 0
+            for offset, change in changes:
+                if offset < start:
+                    continue  # a re-delivery of what this partition already applied
+                if change is not None:
+                    await self._apply(conn, change)
+                    applied += 1
+            await conn.execute(
+                "INSERT INTO ingest_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)"
+                " ON CONFLICT (topic, partition) DO UPDATE"
+                " SET next_offset = greatest(ingest_offsets.next_offset, EXCLUDED.next_offset),"
+                " updated_at = now()",
+                topic,
+                partition,
+                changes[-1][0] + 1,
+            )
+        return applied
+
+    async def next_offsets(self, topic: str) -> dict[int, int]:
+        async with self._pg.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT partition, next_offset FROM ingest_offsets WHERE topic = $1", topic
+            )
+        return {r["partition"]: r["next_offset"] for r in rows}
+
+    async def _apply(self, conn: asyncpg.Connection, change: AudienceChange) -> AudienceInfo | None:
+        key = change.key
+        if change.is_partial:
+            ids = await self._stage(conn, change)
+            if ids is None:
+                return None
+            return await self._replace(conn, key, ids, change)
+        if change.op == "replace":
+            return await self._replace(conn, key, sorted(set(change.add)), change)
+        return await self._patch(conn, change)
+
+    async def _lock(self, conn: asyncpg.Connection, key: AudienceKey) -> asyncpg.Record:
+        """Lock the audience row, creating an empty audience on first sight."""
+        await conn.execute(
+            "INSERT INTO audiences (merchant_id, segment_type, generation, version, customers,"
+            " updated_at) VALUES ($1, $2, nextval('audience_generation_seq'), 0, 0, now())"
+            " ON CONFLICT DO NOTHING",
+            key.merchant_id,
+            key.segment_type,
+        )
+        row = await conn.fetchrow(
+            "SELECT generation, version, customers FROM audiences"
+            " WHERE merchant_id = $1 AND segment_type = $2 FOR UPDATE",
+            key.merchant_id,
+            key.segment_type,
+        )
+        assert row is not None
+        return row
+
+    async def _replace(
+        self, conn: asyncpg.Connection, key: AudienceKey, ids: Sequence[int], change: AudienceChange
+    ) -> AudienceInfo:
+        current = await self._lock(conn, key)
+        generation = await conn.fetchval("SELECT nextval('audience_generation_seq')")
+        await conn.copy_records_to_table(
+            "audience_members",
+            records=((generation, cid) for cid in ids),
+            columns=["generation", "customer_id"],
+        )
+        row = await conn.fetchrow(
+            "UPDATE audiences SET generation = $3, version = version + 1, customers = $4,"
+            " updated_at = now() WHERE merchant_id = $1 AND segment_type = $2"
+            f" RETURNING {_INFO}",
+            key.merchant_id,
+            key.segment_type,
+            generation,
+            len(ids),
+        )
+        await conn.execute(
+            "DELETE FROM audience_members WHERE generation = $1", current["generation"]
+        )
+        assert row is not None
+        await self._history(conn, row, "replace", len(ids), current["customers"], change)
+        return _info(row)
+
+    async def _patch(self, conn: asyncpg.Connection, change: AudienceChange) -> AudienceInfo:
+        key = change.key
+        current = await self._lock(conn, key)
+        generation = current["generation"]
+        added = removed = 0
+        if change.add:
+            result = await conn.execute(
+                "INSERT INTO audience_members (generation, customer_id)"
+                " SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING",
+                generation,
+                list(change.add),
+            )
+            added = int(result.rsplit(" ", 1)[1])
+        if change.remove:
+            result = await conn.execute(
+                "DELETE FROM audience_members"
+                " WHERE generation = $1 AND customer_id = ANY($2::bigint[])",
+                generation,
+                list(change.remove),
+            )
+            removed = int(result.rsplit(" ", 1)[1])
+        row = await conn.fetchrow(
+            "UPDATE audiences SET version = version + 1, customers = customers + $3 - $4,"
+            " updated_at = now() WHERE merchant_id = $1 AND segment_type = $2"
+            f" RETURNING {_INFO}",
+            key.merchant_id,
+            key.segment_type,
+            added,
+            removed,
+        )
+        assert row is not None
+        await self._history(conn, row, change.op, added, removed, change)
+        return _info(row)
+
+    async def _history(
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record,
+        op: str,
+        added: int,
+        removed: int,
+        change: AudienceChange,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO audience_history (merchant_id, segment_type, version, operation,"
+            " added, removed, customers, source, batch_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            row["merchant_id"],
+            row["segment_type"],
+            row["version"],
+            op,
+            added,
+            removed,
+            row["customers"],
+            change.source,
+            change.batch_id,
+        )
+
+    async def _stage(self, conn: asyncpg.Connection, change: AudienceChange) -> list[int] | None:
+        """Keep one part of a snapshot; when all are in, return the whole list."""
+        key = change.key
+        await conn.execute(
+            "INSERT INTO snapshot_parts (merchant_id, segment_type, batch_id, part, parts,"
+            " customer_ids) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            key.merchant_id,
+            key.segment_type,
+            change.batch_id,
+            change.part,
+            change.parts,
+            list(change.add),
+        )
+        have = await conn.fetchval(
+            "SELECT count(*) FROM snapshot_parts"
+            " WHERE merchant_id = $1 AND segment_type = $2 AND batch_id = $3",
+            key.merchant_id,
+            key.segment_type,
+            change.batch_id,
+        )
+        if have < change.parts:
+            return None
+        rows = await conn.fetch(
+            "DELETE FROM snapshot_parts"
+            " WHERE merchant_id = $1 AND segment_type = $2 AND batch_id = $3"
+            " RETURNING customer_ids",
+            key.merchant_id,
+            key.segment_type,
+            change.batch_id,
+        )
+        ids: set[int] = set()
+        for r in rows:
+            ids.update(r["customer_ids"])
+        return sorted(ids)
+
+    async def discard_stale_parts(self, older_than_s: float) -> list[StaleSnapshot]:
+        async with self._pg.transaction() as conn:
+            rows = await conn.fetch(
+                """
+                WITH stale AS (
+                    SELECT merchant_id, segment_type, batch_id FROM snapshot_parts
+                    GROUP BY merchant_id, segment_type, batch_id
+                    HAVING max(received_at) < now() - make_interval(secs => $1)
+                ), gone AS (
+                    DELETE FROM snapshot_parts p USING stale s
+                    WHERE p.merchant_id = s.merchant_id AND p.segment_type = s.segment_type
+                      AND p.batch_id = s.batch_id
+                    RETURNING p.merchant_id, p.segment_type, p.batch_id, p.parts
+                )
+                SELECT merchant_id, segment_type, batch_id, count(*) AS received,
+                       max(parts) AS parts
+                FROM gone GROUP BY merchant_id, segment_type, batch_id
+                """,
+                older_than_s,
+            )
+        return [
+            StaleSnapshot(
+                AudienceKey(r["merchant_id"], r["segment_type"]),
+                r["batch_id"],
+                r["received"],
+                r["parts"],
+            )
+            for r in rows
+        ]
+
+    async def get(self, key: AudienceKey) -> AudienceInfo | None:
+        async with self._pg.connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_INFO} FROM audiences WHERE merchant_id = $1 AND segment_type = $2",
+                key.merchant_id,
+                key.segment_type,
+            )
+        return None if row is None or row["version"] == 0 else _info(row)
+
+    # -- promo sync -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def sync_session(self, promo_id: str) -> AsyncIterator[PgSyncSession]:
+        async with self._pg.connection() as conn:
+            # A session-level lock: it spans the CP calls, which must not run inside
+            # a transaction.  Concurrent syncs of one promo queue here.
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", promo_id)
+            try:
+                yield PgSyncSession(conn, promo_id)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", promo_id)
+
+    async def active_sync_count(self, customer_id: int, today: dt.date) -> int:
+        async with self._pg.connection() as conn:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM sync_ledger WHERE customer_id = $1 AND end_date >= $2",
+                    customer_id,
+                    today,
+                )
+            )
+
+    async def active_ledger(
+        self, today: dt.date, batch: int
+    ) -> AsyncIterator[list[tuple[int, str, dt.date]]]:
+        async with self._pg.transaction(isolation="repeatable_read", readonly=True) as conn:
+            cursor = await conn.cursor(
+                "SELECT customer_id, promo_id, end_date FROM sync_ledger WHERE end_date >= $1",
+                today,
+            )
+            while rows := await cursor.fetch(batch):
+                yield [(r[0], r[1], r[2]) for r in rows]
+
+
+class PgSyncSession:
+    def __init__(self, conn: asyncpg.Connection, promo_id: str) -> None:
+        self._conn = conn
+        self._promo = promo_id
+
+    async def record(self) -> SyncRecord | None:
+        row = await self._conn.fetchrow(
+            "SELECT merchant_id, segment_type, end_date, status, synced, skipped, cp_segment_id"
+            " FROM promo_syncs WHERE promo_id = $1",
+            self._promo,
+        )
+        if row is None:
+            return None
+        return SyncRecord(
+            self._promo,
+            AudienceKey(row["merchant_id"], row["segment_type"]),
+            row["end_date"],
+            row["status"],
+            row["synced"],
+            row["skipped"],
+            row["cp_segment_id"],
+        )
+
+    async def prepare(
+        self, key: AudienceKey, end_date: dt.date, threshold: int, today: dt.date
+    ) -> SyncRecord:
+        async with self._conn.transaction():
+            audience = await self._conn.fetchrow(
+                "SELECT generation, version FROM audiences"
+                " WHERE merchant_id = $1 AND segment_type = $2 FOR SHARE",
+                key.merchant_id,
+                key.segment_type,
+            )
+            assert audience is not None
+            await self._conn.execute(
+                "INSERT INTO promo_syncs (promo_id, merchant_id, segment_type, end_date, status,"
+                " audience_version) VALUES ($1, $2, $3, $4, 'pending', $5)",
+                self._promo,
+                key.merchant_id,
+                key.segment_type,
+                end_date,
+                audience["version"],
+            )
+            # One set-based pass over the audience against the ledger (the truth):
+            # cheaper than one Redis round trip per customer.
+            synced = int(
+                (
+                    await self._conn.execute(
+                        """
+                        INSERT INTO promo_sync_members (promo_id, customer_id)
+                        SELECT $1, m.customer_id FROM audience_members m
+                        WHERE m.generation = $2 AND (
+                            SELECT count(*) FROM sync_ledger l
+                            WHERE l.customer_id = m.customer_id AND l.end_date >= $4
+                        ) < $3
+                        """,
+                        self._promo,
+                        audience["generation"],
+                        threshold,
+                        today,
+                    )
+                ).rsplit(" ", 1)[1]
+            )
+            total = await self._conn.fetchval(
+                "SELECT customers FROM audiences WHERE merchant_id = $1 AND segment_type = $2",
+                key.merchant_id,
+                key.segment_type,
+            )
+            skipped = total - synced
+            await self._conn.execute(
+                "UPDATE promo_syncs SET synced = $2, skipped = $3 WHERE promo_id = $1",
+                self._promo,
+                synced,
+                skipped,
+            )
+        return SyncRecord(self._promo, key, end_date, "pending", synced, skipped)
+
+    async def members(self) -> list[int]:
+        rows = await self._conn.fetch(
+            "SELECT customer_id FROM promo_sync_members WHERE promo_id = $1 ORDER BY customer_id",
+            self._promo,
+        )
+        return [r[0] for r in rows]
+
+    async def fail(self, error: str) -> None:
+        await self._conn.execute(
+            "UPDATE promo_syncs SET status = 'failed', attempts = attempts + 1,"
+            " last_error = $2, updated_at = now() WHERE promo_id = $1",
+            self._promo,
+            error[:1000],
+        )
+
+    async def complete(self, cp_segment_id: str) -> SyncRecord:
+        async with self._conn.transaction():
+            await self._conn.execute(
+                "INSERT INTO sync_ledger (customer_id, promo_id, end_date)"
+                " SELECT m.customer_id, p.promo_id, p.end_date"
+                " FROM promo_sync_members m JOIN promo_syncs p USING (promo_id)"
+                " WHERE p.promo_id = $1 ON CONFLICT DO NOTHING",
+                self._promo,
+            )
+            await self._conn.execute(
+                "UPDATE promo_syncs SET status = 'done', cp_segment_id = $2,"
+                " attempts = attempts + 1, last_error = NULL, updated_at = now()"
+                " WHERE promo_id = $1",
+                self._promo,
+                cp_segment_id,
+            )
+        record = await self.record()
+        assert record is not None
+        return record

@@ -1,0 +1,244 @@
+"""HTTP client for CP, the downstream targeting service (contract: docs/cp-contract.md).
+
+Every CP call is idempotent (by external id, or by an ``Idempotency-Key``), so the client
+can retry anything that may not have reached CP, or whose answer was lost, without
+applying it twice.  4xx answers are final; 5xx, 429, timeouts and dropped connections
+are retried with full-jitter exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from service.domain.errors import CpRejected, CpUnavailable
+
+log = logging.getLogger(__name__)
+
+# CP refuses larger batches with a 400, so a bigger max_batch could never succeed.
+CP_MAX_BATCH = 10_000
+
+_RETRYABLE_EXC = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+_JSON = {"Content-Type": "application/json"}
+
+
+class CpClient:
+    """``CpGateway`` over HTTP.  One instance per process; it owns a connection pool."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 2.0,
+        max_attempts: int = 4,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        max_batch: int = 5000,
+        max_concurrency: int = 4,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        if timeout_s <= 0 or max_attempts < 1 or max_concurrency < 1:
+            raise ValueError("timeout_s must be > 0, max_attempts and max_concurrency >= 1")
+        if not 1 <= max_batch <= CP_MAX_BATCH:
+            raise ValueError(f"max_batch must be within 1..{CP_MAX_BATCH}")
+        if backoff_base_s < 0 or backoff_max_s < 0:
+            raise ValueError("backoff must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.max_attempts = max_attempts
+        self.max_batch = max_batch
+        self.max_concurrency = max_concurrency
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session = session
+        # A session passed in belongs to the caller, who closes it.
+        self._owns_session = session is None
+        self._rng = random.Random()
+        self.calls: dict[str, int] = {"ok": 0, "retry": 0, "failed": 0, "rejected": 0}
+
+    async def create_segment(self, external_id: str, name: str, expires_at: dt.datetime) -> str:
+        if expires_at.tzinfo is None:
+            # A naive time would be read as UTC by CP and silently shift expiries.
+            raise ValueError("expires_at must be timezone-aware")
+        body = {"name": name, "expires_at": _iso_utc(expires_at)}
+        answer = await self._call(
+            "create_segment",
+            "PUT",
+            f"/v1/segments/{quote(external_id, safe='')}",
+            body=body,
+            need="segment_id",
+        )
+        assert answer is not None
+        return str(answer["segment_id"])
+
+    async def add_members(
+        self, segment_id: str, customer_ids: Sequence[int], idempotency_key: str
+    ) -> None:
+        """Add ``customer_ids`` in batches of ``max_batch``, ``max_concurrency`` at a time.
+
+        Batch ``i`` is sent with the key ``f"{idempotency_key}:{i}"``, so calling again
+        with the same ids (same order) and key after a failure re-sends only what CP
+        has not stored yet: the rest is answered from CP's idempotency store.
+        """
+        if not idempotency_key:
+            raise ValueError("idempotency_key must not be empty")
+        size = self.max_batch
+        batches = [list(customer_ids[i : i + size]) for i in range(0, len(customer_ids), size)]
+        path = f"/v1/segments/{quote(segment_id, safe='')}/members"
+
+        async def send(index: int, batch: list[int]) -> None:
+            key = f"{idempotency_key}:{index}"
+            await self._call(
+                "add_members",
+                "POST",
+                path,
+                body={"customer_ids": batch},
+                headers={"Idempotency-Key": key},
+            )
+
+        if len(batches) <= 1:
+            for index, batch in enumerate(batches):
+                await send(index, batch)
+            return
+        # A few workers pulling from one iterator: bounded concurrency without a task
+        # per batch, and the first failure stops the rest instead of letting them run on.
+        pending = iter(enumerate(batches))
+
+        async def worker() -> None:
+            for index, batch in pending:
+                await send(index, batch)
+
+        workers = [
+            asyncio.create_task(worker()) for _ in range(min(self.max_concurrency, len(batches)))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def delete_segment(self, segment_id: str) -> None:
+        # 404 counts as done: a retry after a lost 204 must not turn an undo into an error.
+        await self._call(
+            "delete_segment",
+            "DELETE",
+            f"/v1/segments/{quote(segment_id, safe='')}",
+            also_ok=frozenset({404}),
+        )
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Created lazily: a ClientSession must be made inside the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+    def _backoff(self, retry: int) -> float:
+        cap = min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1))
+        return self._rng.uniform(0, cap)
+
+    async def _call(
+        self,
+        op: str,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        need: str | None = None,
+        also_ok: frozenset[int] = frozenset(),
+    ) -> dict[str, Any] | None:
+        """One logical CP call with retries.  ``need``: a field the 2xx answer must have."""
+        url = URL(self.base_url + path, encoded=True)
+        data = orjson.dumps(body) if body is not None else None
+        sent_headers = {**_JSON, **(headers or {})} if data is not None else headers
+        last_error = ""
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                self.calls["retry"] += 1
+                log.info("CP %s attempt %d failed (%s); retrying", op, attempt - 1, last_error)
+                await asyncio.sleep(self._backoff(attempt - 1))
+            try:
+                async with self._http().request(
+                    method,
+                    url,
+                    data=data,
+                    headers=sent_headers,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    status = resp.status
+                    raw = await resp.read()
+            except _RETRYABLE_EXC as exc:
+                last_error = _describe(exc, self._timeout.total)
+                continue
+            if 200 <= status < 300 or status in also_ok:
+                if need is None:
+                    self.calls["ok"] += 1
+                    return None
+                answer = _json_object(raw)
+                if answer is not None and answer.get(need):
+                    self.calls["ok"] += 1
+                    return answer
+                # CP applied the call but the answer was mangled; the retry is idempotent.
+                last_error = f"HTTP {status} answer without {need!r}"
+                continue
+            message = _error_message(raw, status)
+            if status == 429 or status >= 500:
+                last_error = f"HTTP {status}: {message}"
+                continue
+            self.calls["rejected"] += 1
+            raise CpRejected(
+                f"CP rejected {op}: {message}", {"op": op, "status": status, "error": message}
+            )
+        self.calls["failed"] += 1
+        log.warning("CP %s failed after %d attempts: %s", op, self.max_attempts, last_error)
+        raise CpUnavailable(
+            f"CP did not answer {op} after {self.max_attempts} attempts",
+            {"op": op, "attempts": self.max_attempts, "last_error": last_error},
+        )
+
+
+def _iso_utc(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _describe(exc: BaseException, timeout_s: float | None) -> str:
+    if str(exc):
+        return f"{type(exc).__name__}: {exc}"
+    # aiohttp's total timeout raises a bare TimeoutError.
+    if isinstance(exc, TimeoutError):
+        return f"{type(exc).__name__}: no answer within {timeout_s} s"
+    return type(exc).__name__
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _error_message(raw: bytes, status: int) -> str:
+    answer = _json_object(raw)
+    if answer is not None and isinstance(answer.get("error"), str):
+        return answer["error"]
+    # Proxies in front of CP answer 502/504 in HTML; keep a short excerpt for the logs.
+    text = raw[:200].decode("utf-8", "replace").strip()
+    return text or f"HTTP {status}"

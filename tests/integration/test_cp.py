@@ -1,0 +1,275 @@
+"""CpClient against the CP emulator, with injected faults (docs/cp-contract.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from service.cp.client import CpClient
+from service.cp.emulator import create_emulator_app
+from service.domain.errors import CpRejected, CpUnavailable
+
+EXPIRES = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+async def cp() -> AsyncIterator[TestServer]:
+    server = TestServer(create_emulator_app(), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def admin(cp: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=str(cp.make_url(""))) as session:
+        yield session
+
+
+@pytest.fixture
+async def client(cp: TestServer) -> AsyncIterator[CpClient]:
+    c = make_client(cp)
+    yield c
+    await c.close()
+
+
+def make_client(cp: TestServer, **options: Any) -> CpClient:
+    fast = {"timeout_s": 0.5, "backoff_base_s": 0.01, "backoff_max_s": 0.05}
+    return CpClient(str(cp.make_url("")), **{**fast, **options})
+
+
+async def set_faults(admin: aiohttp.ClientSession, **faults: Any) -> None:
+    async with admin.post("/_admin/faults", json=faults) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def state(admin: aiohttp.ClientSession) -> dict[str, Any]:
+    async with admin.get("/_admin/state") as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def only_segment(admin: aiohttp.ClientSession) -> dict[str, Any]:
+    (segment,) = (await state(admin))["segments"]
+    return segment
+
+
+async def test_create_is_idempotent(client: CpClient, admin: aiohttp.ClientSession) -> None:
+    first = await client.create_segment("m1/a 1", "Spring buyers", EXPIRES)
+    later = EXPIRES + dt.timedelta(days=7)
+    again = await client.create_segment("m1/a 1", "Spring buyers", later)
+    other = await client.create_segment("m1/a2", "Others", EXPIRES)
+    assert first == again != other
+    async with admin.get(f"/v1/segments/{first}") as resp:
+        body = await resp.json()
+    assert body == {
+        "segment_id": first,
+        "external_id": "m1/a 1",
+        "expires_at": "2030-01-08T00:00:00Z",
+        "members": 0,
+    }
+
+
+async def test_put_answers_201_then_200(admin: aiohttp.ClientSession) -> None:
+    body = {"name": "n", "expires_at": "2030-01-01T02:00:00+02:00"}
+    async with admin.put("/v1/segments/x1", json=body) as resp:
+        assert resp.status == 201
+        created = await resp.json()
+    async with admin.put("/v1/segments/x1", json=body) as resp:
+        assert resp.status == 200
+        assert await resp.json() == created
+    assert created["expires_at"] == "2030-01-01T00:00:00Z"
+
+
+async def test_add_members_splits_into_batches(
+    cp: TestServer, admin: aiohttp.ClientSession
+) -> None:
+    client = make_client(cp, max_batch=1000, max_concurrency=3)
+    try:
+        segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+        await set_faults(admin, latency_ms=150)
+        started = time.monotonic()
+        await client.add_members(segment_id, range(5500), "sync-1")
+        elapsed = time.monotonic() - started
+    finally:
+        await client.close()
+    segment = await only_segment(admin)
+    assert (segment["members"], segment["applied_keys"]) == (5500, 6)
+    # Six batches, three at a time: two rounds of latency, not one, not six.
+    assert 0.3 <= elapsed < 0.8
+    assert client.calls == {"ok": 7, "retry": 0, "failed": 0, "rejected": 0}
+
+
+async def test_no_members_means_no_call(client: CpClient, admin: aiohttp.ClientSession) -> None:
+    segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+    await client.add_members(segment_id, [], "sync-1")
+    assert (await state(admin))["calls"]["received"] == 1
+
+
+async def test_lost_answer_is_retried_and_applied_once(
+    cp: TestServer, admin: aiohttp.ClientSession
+) -> None:
+    client = make_client(cp, max_batch=1000)
+    try:
+        segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+        await set_faults(admin, drop_next=1)
+        await client.add_members(segment_id, list(range(2500)), "sync-1")
+    finally:
+        await client.close()
+    st = await state(admin)
+    assert st["calls"]["dropped"] == 1
+    assert (st["segments"][0]["members"], st["segments"][0]["applied_keys"]) == (2500, 3)
+    assert client.calls["retry"] == 1
+
+
+async def test_caller_retry_with_same_key_applies_once(
+    cp: TestServer, admin: aiohttp.ClientSession
+) -> None:
+    client = make_client(cp, max_batch=1000, max_attempts=2)
+    ids = [7, 7, *range(100, 2600)]
+    try:
+        segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+        # Every batch is applied, and every answer is lost.
+        await set_faults(admin, drop_after_apply_rate=1)
+        with pytest.raises(CpUnavailable) as failed:
+            await client.add_members(segment_id, ids, "sync-1")
+        assert "Disconnected" in failed.value.details["last_error"]
+        await set_faults(admin)
+        await client.add_members(segment_id, ids, "sync-1")
+    finally:
+        await client.close()
+    segment = await only_segment(admin)
+    assert (segment["members"], segment["applied_keys"]) == (2501, 3)
+
+
+async def test_transient_errors_succeed_on_third_attempt(
+    client: CpClient, admin: aiohttp.ClientSession
+) -> None:
+    await set_faults(admin, fail_next=2, error_status=503)
+    segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+    await set_faults(admin, fail_next=1, error_status=429)
+    await client.add_members(segment_id, [1, 2, 3], "sync-1")
+    assert (await only_segment(admin))["members"] == 3
+    assert client.calls == {"ok": 2, "retry": 3, "failed": 0, "rejected": 0}
+
+
+async def test_persistent_503_gives_up_in_bounded_time(
+    client: CpClient, admin: aiohttp.ClientSession
+) -> None:
+    await set_faults(admin, error_rate=1, error_status=503)
+    started = time.monotonic()
+    with pytest.raises(CpUnavailable) as failed:
+        await client.create_segment("m1:a1", "Audience", EXPIRES)
+    assert time.monotonic() - started < 2
+    assert failed.value.details["attempts"] == 4
+    assert failed.value.details["last_error"] == "HTTP 503: injected fault"
+    assert (await state(admin))["calls"]["received"] == 4
+    assert client.calls == {"ok": 0, "retry": 3, "failed": 1, "rejected": 0}
+
+
+async def test_4xx_is_rejected_without_retry(
+    client: CpClient, admin: aiohttp.ClientSession
+) -> None:
+    await set_faults(admin, fail_next=1, error_status=400)
+    with pytest.raises(CpRejected) as rejected:
+        await client.create_segment("m1:a1", "Audience", EXPIRES)
+    assert rejected.value.details == {
+        "op": "create_segment",
+        "status": 400,
+        "error": "injected fault",
+    }
+    with pytest.raises(CpRejected) as unknown:
+        await client.add_members("seg_nope", [1], "sync-1")
+    assert unknown.value.details["status"] == 404
+    assert (await state(admin))["calls"]["received"] == 2
+    assert client.calls == {"ok": 0, "retry": 0, "failed": 0, "rejected": 2}
+
+
+async def test_key_reused_with_other_ids_is_rejected(
+    client: CpClient, admin: aiohttp.ClientSession
+) -> None:
+    segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+    await client.add_members(segment_id, [1, 2], "sync-1")
+    with pytest.raises(CpRejected) as rejected:
+        await client.add_members(segment_id, [1, 3], "sync-1")
+    assert rejected.value.details["status"] == 422
+    assert (await only_segment(admin))["members"] == 2
+
+
+async def test_slow_cp_times_out_then_gives_up(
+    cp: TestServer, admin: aiohttp.ClientSession
+) -> None:
+    client = make_client(cp, timeout_s=0.05, max_attempts=3)
+    try:
+        await set_faults(admin, latency_ms=300)
+        started = time.monotonic()
+        with pytest.raises(CpUnavailable) as failed:
+            await client.create_segment("m1:a1", "Audience", EXPIRES)
+        assert time.monotonic() - started < 1
+    finally:
+        await client.close()
+    assert failed.value.details["attempts"] == 3
+    assert "Timeout" in failed.value.details["last_error"]
+    assert client.calls["retry"] == 2
+
+
+async def test_delete_undoes_and_is_idempotent(
+    client: CpClient, admin: aiohttp.ClientSession
+) -> None:
+    segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+    await client.delete_segment(segment_id)
+    await client.delete_segment(segment_id)
+    assert (await state(admin))["segments"] == []
+    # The external id is free again: a new sync gets a new segment.
+    assert await client.create_segment("m1:a1", "Audience", EXPIRES) != segment_id
+
+
+async def test_emulator_enforces_the_members_contract(admin: aiohttp.ClientSession) -> None:
+    async with admin.put(
+        "/v1/segments/e1", json={"name": "n", "expires_at": "2030-01-01T00:00:00Z"}
+    ) as r:
+        segment_id = (await r.json())["segment_id"]
+    url = f"/v1/segments/{segment_id}/members"
+
+    async def post(ids: list[int], key: str | None) -> tuple[int, dict[str, Any]]:
+        headers = {"Idempotency-Key": key} if key is not None else {}
+        async with admin.post(url, json={"customer_ids": ids}, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    assert await post([1], None) == (400, {"error": "Idempotency-Key header is required"})
+    status, body = await post(list(range(10_001)), "k0")
+    assert (status, body["error"]) == (400, "customer_ids must hold 1..10000 ids, got 10001")
+    assert (await post([], "k0"))[0] == 400
+    assert (await post(list(range(10_000)), "k1"))[0] == 200
+    first = await post([1, 10_000], "k2")
+    assert first == (200, {"segment_id": segment_id, "added": 1, "members": 10_001})
+    await post([10_001], "k3")
+    # A replay gets the stored first answer, not today's member count.
+    assert await post([1, 10_000], "k2") == first
+    assert (await post([5], "k2"))[0] == 422
+    assert (await post([1], "k"))[0] == 200
+    async with admin.post("/v1/segments/nope/members", json={"customer_ids": [1]}) as resp:
+        assert (resp.status, await resp.json()) == (404, {"error": "unknown segment"})
+
+
+async def test_emulator_admin(admin: aiohttp.ClientSession) -> None:
+    async with admin.post("/_admin/faults", json={"error_rate": 2}) as resp:
+        assert resp.status == 400
+    async with admin.post("/_admin/faults", json={"nope": 1}) as resp:
+        assert resp.status == 400
+    await set_faults(admin, fail_next=1)
+    async with admin.get("/v1/segments/missing") as resp:
+        assert resp.status == 503
+    async with admin.get("/v1/segments/missing") as resp:
+        assert (resp.status, await resp.json()) == (404, {"error": "unknown segment"})
+    async with admin.post("/_admin/reset") as resp:
+        assert resp.status == 204
+    st = await state(admin)
+    assert st["calls"] == {"received": 0, "injected_errors": 0, "dropped": 0}
+    assert st["segments"] == []
