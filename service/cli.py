@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from service.settings import ENV_PREFIX, Settings, load_settings
@@ -69,18 +71,80 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from service import reconciler
     from service.bootstrap import build
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         container = await build(settings)
         try:
             await reconciler.run(container, stop)
         finally:
             await container.close()
 
+    _run_until_signalled(main)
+    return 0
+
+
+def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)``; SIGINT/SIGTERM set ``stop`` so it can finish cleanly."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
     asyncio.run(run())
+
+
+def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
+    from service.bootstrap import build
+    from service.http.schemas import MAX_AUDIENCE_IDS
+    from service.ingest.consumer import AudienceConsumer
+
+    if not settings.kafka_bootstrap:
+        log.error("%sKAFKA_BOOTSTRAP is not set", ENV_PREFIX)
+        return 2
+
+    async def main(stop: asyncio.Event) -> None:
+        container = await build(settings)
+        try:
+            await AudienceConsumer(settings, container.audiences, MAX_AUDIENCE_IDS).run(stop)
+        finally:
+            await container.close()
+
+    _run_until_signalled(main)
+    return 0
+
+
+def cmd_produce_sample(settings: Settings, args: argparse.Namespace) -> int:
+    from service.ingest.sample import produce_sample
+
+    if not settings.kafka_bootstrap:
+        log.error("%sKAFKA_BOOTSTRAP is not set", ENV_PREFIX)
+        return 2
+    asyncio.run(
+        produce_sample(
+            settings.kafka_bootstrap,
+            settings.kafka_topic,
+            merchant_id=args.merchant_id,
+            segment_type=args.segment_type,
+            customers=args.customers,
+            parts=args.parts,
+        )
+    )
+    return 0
+
+
+def cmd_cp_emulator(settings: Settings, args: argparse.Namespace) -> int:
+    from service.cp.emulator import run_emulator
+
+    async def main(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(run_emulator(args.host, args.port))
+        await stop.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    _run_until_signalled(main)
     return 0
 
 
@@ -122,15 +186,21 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 env[ENV_PREFIX + "KAFKA_BOOTSTRAP"] = server.url
         # Every process signs and checks report links with the same secret.
         env.setdefault(ENV_PREFIX + "REPORT_SECRET", secrets.token_hex(32))
+        commands = [["serve"], ["reconcile"], ["consume"]]
+        if not settings.cp_url:
+            # CP is an external system: in dev, its emulator stands in for it.
+            cp_port = free_port()
+            env[ENV_PREFIX + "CP_URL"] = f"http://127.0.0.1:{cp_port}"
+            commands.append(["cp-emulator", "--port", str(cp_port)])
         final = load_settings(env)
         if cmd_migrate(final, args) != 0:
             return 1
         # Children get their own session: Ctrl-C reaches only this supervisor, which
         # then stops them in order (API first, stores last).
-        for command in ("serve", "reconcile"):
+        for command in commands:
             children.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", command],
+                    [sys.executable, "-m", "service.cli", *command],
                     env=env,
                     start_new_session=True,
                 )
@@ -141,6 +211,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             f"  {ENV_PREFIX}DATABASE_URL={final.database_url}\n"
             f"  {ENV_PREFIX}REDIS_URL={final.redis_url}\n"
             f"  {ENV_PREFIX}KAFKA_BOOTSTRAP={final.kafka_bootstrap}\n"
+            f"  {ENV_PREFIX}CP_URL={final.cp_url}\n"
+            "Try: .venv/bin/segments produce-sample   (then GET /v1/merchants/42/segments/LOYAL)\n"
             "Press Ctrl-C to stop everything.\n",
             flush=True,
         )
@@ -172,11 +244,21 @@ COMMANDS = {
         cmd_reconcile,
         "run the reconciler: expiry sweeper (history at expiry time) and history partitions",
     ),
+    "consume": (
+        cmd_consume,
+        "run the Kafka consumer of merchant audiences (at least once, idempotent apply, DLQ)",
+    ),
+    "produce-sample": (
+        cmd_produce_sample,
+        "publish a sample merchant audience to Kafka, split into parts",
+    ),
+    "cp-emulator": (cmd_cp_emulator, "run the CP emulator (a stand-in for the external CP)"),
     "rebuild": (cmd_rebuild, "rebuild the Redis copy from PostgreSQL, then mark it complete"),
     "dev": (
         cmd_dev,
         "start embedded PostgreSQL, Valkey and a Kafka-protocol broker where no URL is "
-        "configured, migrate, and run the API and the reconciler (what `make run` does)",
+        "configured, migrate, and run the API, the reconciler, the consumer and the CP "
+        "emulator (what `make run` does)",
     ),
 }
 
@@ -193,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         if name == "serve":
             p.add_argument("--host", default=None, help="listen address (default: settings)")
             p.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
+        elif name == "cp-emulator":
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8081)
+        elif name == "produce-sample":
+            p.add_argument("--merchant-id", type=int, default=42)
+            p.add_argument("--segment-type", default="LOYAL")
+            p.add_argument("--customers", type=int, default=100_000)
+            p.add_argument("--parts", type=int, default=4)
     args = parser.parse_args(argv)
     try:
         settings = load_settings()

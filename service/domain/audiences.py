@@ -253,6 +253,15 @@ class AudienceService:
     async def apply(self, change: AudienceChange) -> AudienceInfo | None:
         return await self._store.apply(check_change(change, self._max_ids))
 
+    async def apply_kafka(
+        self, topic: str, partition: int, changes: Sequence[tuple[int, AudienceChange | None]]
+    ) -> int:
+        """Apply one partition's batch (already validated by the decoder) with its offset."""
+        return await self._store.apply_batch(topic, partition, changes)
+
+    async def next_offsets(self, topic: str) -> dict[int, int]:
+        return await self._store.next_offsets(topic)
+
     async def get(self, key: AudienceKey) -> AudienceInfo:
         info = await self._store.get(key)
         if info is None:

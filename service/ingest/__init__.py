@@ -1,0 +1,1 @@
+"""Kafka ingestion of merchant audiences (the data-engineering "actor")."""

@@ -1,0 +1,45 @@
+"""``segments produce-sample``: publish a realistic audience the way data engineering does."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+from aiokafka import AIOKafkaProducer
+
+from service.ingest.messages import AudienceMessage, encode
+
+
+async def produce_sample(
+    bootstrap: str,
+    topic: str,
+    *,
+    merchant_id: int,
+    segment_type: str,
+    customers: int,
+    parts: int,
+) -> None:
+    """A `replace` snapshot of ``customers`` random ids, split into ``parts`` messages."""
+    ids = random.sample(range(1, 50 * customers + 1), customers)
+    batch_id = uuid.uuid4().hex
+    size = -(-customers // parts)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=32 * 1024 * 1024
+    )
+    await producer.start()
+    try:
+        for index in range(parts):
+            msg = AudienceMessage(
+                merchant_id=merchant_id,
+                segment_type=segment_type,
+                op="replace",
+                customer_ids=ids[index * size : (index + 1) * size],
+                batch_id=batch_id,
+                part=index + 1,
+                parts=parts,
+            )
+            key, value = encode(msg)
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
+    print(f"published {customers} customers of {merchant_id}:{segment_type} in {parts} parts")
