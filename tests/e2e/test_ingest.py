@@ -71,8 +71,8 @@ async def audience(http: aiohttp.ClientSession, m: int, t: str) -> dict | None:
         return await r.json() if r.status == 200 else None
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.1)
