@@ -7,9 +7,11 @@ The migrations in ``migrations/`` create exactly these; the queries in
 from __future__ import annotations
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Identity,
@@ -98,5 +100,102 @@ membership_history = Table(
     Column("cause", Text, nullable=False),
     PrimaryKeyConstraint("occurred_at", "id", name="membership_history_pkey"),
     CheckConstraint("operation IN ('add', 'remove')", name="membership_history_operation"),
+    Index("membership_history_user", "user_id", "occurred_at"),
     postgresql_partition_by="RANGE (occurred_at)",
+)
+
+# -- merchant audiences (migration 0002) ---------------------------------------------
+
+audience_generation_seq = Sequence("audience_generation_seq", metadata=metadata)
+
+# One row per audience; `generation` points at its current member rows, so a replace
+# writes a new generation and switches the pointer atomically.
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("merchant_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("segment_type", Text, primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("customers", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+audience_members = Table(
+    "audience_members",
+    metadata,
+    Column("generation", BigInteger, primary_key=True, autoincrement=False),
+    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+)
+
+audience_history = Table(
+    "audience_history",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("merchant_id", BigInteger, nullable=False),
+    Column("segment_type", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("operation", Text, nullable=False),
+    Column("added", BigInteger, nullable=False),
+    Column("removed", BigInteger, nullable=False),
+    Column("customers", BigInteger, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("batch_id", Text),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+snapshot_parts = Table(
+    "snapshot_parts",
+    metadata,
+    Column("merchant_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("segment_type", Text, primary_key=True),
+    Column("batch_id", Text, primary_key=True),
+    Column("part", Integer, primary_key=True, autoincrement=False),
+    Column("parts", Integer, nullable=False),
+    Column("customer_ids", ARRAY(BigInteger), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+ingest_offsets = Table(
+    "ingest_offsets",
+    metadata,
+    Column("topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True, autoincrement=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+promo_syncs = Table(
+    "promo_syncs",
+    metadata,
+    Column("promo_id", Text, primary_key=True),
+    Column("merchant_id", BigInteger, nullable=False),
+    Column("segment_type", Text, nullable=False),
+    Column("end_date", Date, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("synced", BigInteger, nullable=False, server_default="0"),
+    Column("skipped", BigInteger, nullable=False, server_default="0"),
+    Column("cp_segment_id", Text),
+    Column("audience_version", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+promo_sync_members = Table(
+    "promo_sync_members",
+    metadata,
+    Column("promo_id", Text, ForeignKey("promo_syncs.promo_id"), primary_key=True),
+    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+)
+
+sync_ledger = Table(
+    "sync_ledger",
+    metadata,
+    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("promo_id", Text, primary_key=True),
+    Column("end_date", Date, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("sync_ledger_active", "customer_id", "end_date"),
 )
