@@ -63,10 +63,10 @@ redis.call('HSET', KEYS[1], 'registry', ARGV[1])
 return 1
 """
 
-# KEYS: meta, lease.  ARGV: generation.
+# KEYS: meta, lease.  ARGV: generation, the server's run_id.
 _FINISH_REBUILD = """
 if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'complete', ARGV[1])
+redis.call('HSET', KEYS[1], 'complete', ARGV[1], 'run_id', ARGV[2])
 redis.call('HDEL', KEYS[1], 'building')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
@@ -176,8 +176,18 @@ class RedisCache:
         return Registry(int(version), segments)
 
     async def is_complete(self) -> bool:
+        """Is the copy complete?  A Redis that restarted from its own persistence files
+        (if an operator enabled them) may have lost the last writes yet still hold the
+        marker: the marker names the server run that completed it, and a new run drops
+        it, so the copy is rebuilt."""
         async with _guard():
-            return bool(await self._r.hexists(keys.META, "complete"))
+            complete, run_id = await self._r.hmget(keys.META, ["complete", "run_id"])
+            if complete is None:
+                return False
+            if run_id is not None and run_id.decode() != await self._run_id():
+                await self._r.hdel(keys.META, "complete")
+                return False
+            return True
 
     # -- writes ---------------------------------------------------------------
 
@@ -230,7 +240,14 @@ class RedisCache:
 
     async def finish_rebuild(self, generation: str) -> bool:
         async with _guard():
-            return bool(await self._finish(keys=[keys.META, keys.REBUILD_LEASE], args=[generation]))
+            run_id = await self._run_id()
+            return bool(
+                await self._finish(keys=[keys.META, keys.REBUILD_LEASE], args=[generation, run_id])
+            )
+
+    async def _run_id(self) -> str:
+        info = await self._r.info("server")
+        return str(info["run_id"])
 
     # -- sync counters --------------------------------------------------------
     # The mirror only grows (ZADD is idempotent) and entries stop counting when their
@@ -257,3 +274,36 @@ class RedisCache:
                 keys=[keys.META, keys.synced(customer_id)], args=[f"({now!r}"]
             )
         return None if count is None else int(count)
+
+    # -- reconciliation -------------------------------------------------------
+
+    async def versions(self, user_ids: Sequence[int]) -> list[int | None]:
+        """The version each user's key holds (None: no key)."""
+        async with _guard(), self._r.pipeline(transaction=False) as pipe:
+            for uid in user_ids:
+                pipe.zscore(keys.user(uid), "v")
+            scores = await pipe.execute()
+        return [None if s is None else int(-s) for s in scores]
+
+    async def registry_version(self) -> int | None:
+        async with _guard():
+            raw = await self._r.hget(keys.META, "registry")
+        return None if raw is None else int(raw)
+
+    async def record_reconcile(self, found: int, repaired: int, confirmed_at: float | None) -> None:
+        """Divergence counters and the last time the copy was confirmed consistent
+        (LaunchDarkly's ``synchronized_on``), kept in the meta hash for every process."""
+        async with _guard(), self._r.pipeline(transaction=True) as pipe:
+            pipe.hincrby(keys.META, "divergence_found", found)
+            pipe.hincrby(keys.META, "divergence_repaired", repaired)
+            if confirmed_at is not None:
+                pipe.hset(keys.META, "synchronized_on", repr(confirmed_at))
+            await pipe.execute()
+
+    async def freshness(self) -> dict[str, float]:
+        async with _guard():
+            raw = await self._r.hmget(
+                keys.META, ["synchronized_on", "divergence_found", "divergence_repaired"]
+            )
+        names = ("synchronized_on", "divergence_found", "divergence_repaired")
+        return {n: float(v) for n, v in zip(names, raw, strict=True) if v is not None}

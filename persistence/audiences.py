@@ -283,6 +283,21 @@ class PgAudienceStore:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", promo_id)
 
+    async def unfinished_syncs(
+        self, older_than_s: float, max_attempts: int
+    ) -> list[tuple[str, AudienceKey, dt.date]]:
+        """Syncs a crash left pending or that CP failed, for the reconciler to retry."""
+        async with self._pg.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT promo_id, merchant_id, segment_type, end_date FROM promo_syncs"
+                " WHERE status IN ('pending', 'failed') AND attempts < $2"
+                " AND updated_at < now() - make_interval(secs => $1)"
+                " AND end_date >= current_date ORDER BY updated_at LIMIT 100",
+                older_than_s,
+                max_attempts,
+            )
+        return [(r[0], AudienceKey(r[1], r[2]), r[3]) for r in rows]
+
     async def active_sync_count(self, customer_id: int, today: dt.date) -> int:
         async with self._pg.connection() as conn:
             return int(

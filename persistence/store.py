@@ -222,11 +222,20 @@ class PgStore:
         async with self.transaction() as conn:
             # The user's version row is the lock that serialises changes of one user;
             # the version is drawn after the lock, so it grows in commit order.
+            # The outbox row commits with the change: if the process dies before Redis
+            # is written, the reconciler still finds the change.
             lock = await conn.fetchrow(
-                "INSERT INTO user_versions (user_id, version)"
-                " VALUES ($1, nextval('change_id_seq'))"
-                " ON CONFLICT (user_id) DO UPDATE SET version = nextval('change_id_seq')"
-                " RETURNING version, extract(epoch FROM now())::float8 AS now",
+                """
+                WITH v AS (
+                    INSERT INTO user_versions (user_id, version)
+                    VALUES ($1, nextval('change_id_seq'))
+                    ON CONFLICT (user_id) DO UPDATE SET version = nextval('change_id_seq')
+                    RETURNING version
+                ), o AS (
+                    INSERT INTO cache_outbox (change_id, user_id) SELECT version, $1 FROM v
+                )
+                SELECT version, extract(epoch FROM now())::float8 AS now FROM v
+                """,
                 uid,
             )
             assert lock is not None
@@ -386,11 +395,81 @@ class PgStore:
                 ids,
             )
             rows = await conn.fetch(
-                "UPDATE user_versions SET version = nextval('change_id_seq')"
-                " WHERE user_id = ANY($1::bigint[]) RETURNING user_id, version",
+                """
+                WITH v AS (
+                    UPDATE user_versions SET version = nextval('change_id_seq')
+                    WHERE user_id = ANY($1::bigint[]) RETURNING user_id, version
+                ), o AS (
+                    INSERT INTO cache_outbox (change_id, user_id) SELECT version, user_id FROM v
+                )
+                SELECT user_id, version FROM v
+                """,
                 ids,
             )
             return await self._states(conn, [(r["user_id"], r["version"]) for r in rows])
+
+    # -- reconciliation -------------------------------------------------------
+
+    async def drain_outbox(
+        self,
+        limit: int,
+        min_age_s: float,
+        apply: Callable[[list[UserState]], Awaitable[None]],
+    ) -> int:
+        """Hand the states of users with outbox rows older than ``min_age_s`` to ``apply``
+        (the cache write) and delete those rows only if it succeeds.
+
+        Rows younger than ``min_age_s`` are left to the API's own write-through.  SKIP
+        LOCKED lets several reconcilers drain side by side.
+        """
+        async with self.transaction() as conn:
+            rows = await conn.fetch(
+                """
+                DELETE FROM cache_outbox WHERE change_id IN (
+                    SELECT change_id FROM cache_outbox
+                    WHERE created_at < now() - make_interval(secs => $2)
+                    ORDER BY change_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING user_id
+                """,
+                limit,
+                min_age_s,
+            )
+            if not rows:
+                return 0
+            users = sorted({r["user_id"] for r in rows})
+            await apply(await self._current_states(conn, users))
+        return len(rows)
+
+    async def scan_versions(self, after_user_id: int, limit: int) -> list[tuple[int, int, bool]]:
+        """(user_id, version, has live memberships or exclusions), by user id."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT v.user_id, v.version,
+                       EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = v.user_id
+                               AND (m.expires_at IS NULL OR m.expires_at > now()))
+                    OR EXISTS (SELECT 1 FROM auto_exclusions x WHERE x.user_id = v.user_id)
+                    AS live
+                FROM user_versions v WHERE v.user_id > $1 ORDER BY v.user_id LIMIT $2
+                """,
+                after_user_id,
+                limit,
+            )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def user_states_of(self, user_ids: Sequence[int]) -> list[UserState]:
+        async with self.transaction(isolation="repeatable_read", readonly=True) as conn:
+            return await self._current_states(conn, user_ids)
+
+    async def _current_states(
+        self, conn: asyncpg.Connection, user_ids: Sequence[int]
+    ) -> list[UserState]:
+        # Versions first: a state may be newer than its label, never older.
+        rows = await conn.fetch(
+            "SELECT user_id, version FROM user_versions WHERE user_id = ANY($1::bigint[])",
+            list(user_ids),
+        )
+        return await self._states(conn, [(r["user_id"], r["version"]) for r in rows])
 
     async def ensure_history_partitions(self, months_ahead: int = 3) -> None:
         async with self.connection() as conn:

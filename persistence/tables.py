@@ -199,3 +199,16 @@ sync_ledger = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("sync_ledger_active", "customer_id", "end_date"),
 )
+
+# -- cache outbox (migration 0003) ------------------------------------------------------
+
+# One row per user change not yet confirmed in Redis, written in the change's own
+# transaction; the reconciler deletes it once Redis holds that version.
+cache_outbox = Table(
+    "cache_outbox",
+    metadata,
+    Column("change_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("user_id", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("cache_outbox_created", "created_at"),
+)

@@ -19,6 +19,7 @@ from persistence.store import PgStore
 from persistence.urls import asyncpg_url
 from service.cp.client import CpClient
 from service.domain.audiences import AudienceService
+from service.domain.reconcile import Reconciler
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http import schemas
@@ -40,6 +41,7 @@ class Container:
     audience_store: PgAudienceStore
     audiences: AudienceService
     cp: CpClient
+    reconciler: Reconciler
 
     async def close(self) -> None:
         await self.cp.close()
@@ -65,6 +67,7 @@ async def build(settings: Settings) -> Container:
         max_items=settings.max_list_length,
         fallback_concurrency=settings.fallback_concurrency,
         rebuild_batch=settings.rebuild_batch,
+        cache_retry_after_s=settings.cache_retry_after_s,
     )
     secret = settings.report_secret.encode()
     if not secret:
@@ -87,7 +90,10 @@ async def build(settings: Settings) -> Container:
         max_ids=schemas.MAX_AUDIENCE_IDS,
     )
     segments.add_rebuild_phase(audiences.rebuild_counters)
-    return Container(settings, store, cache, segments, reports, audience_store, audiences, cp)
+    reconciler = Reconciler(store, cache, segments, audiences, audience_store)
+    return Container(
+        settings, store, cache, segments, reports, audience_store, audiences, cp, reconciler
+    )
 
 
 async def make_app(settings: Settings) -> web.Application:

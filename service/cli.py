@@ -170,7 +170,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             pg = EmbeddedPostgres(data / "postgres", free_port())
             servers.append(pg)
         if not settings.redis_url:
-            vk = EmbeddedValkey(data / "valkey", free_port())
+            # No persistence: Redis is a serving copy, rebuilt from PostgreSQL on start.
+            vk = EmbeddedValkey(data / "valkey", free_port(), persistent=False)
             servers.append(vk)
         if not settings.kafka_bootstrap:
             broker = EmbeddedBroker(data / "broker", free_port())

@@ -1,8 +1,9 @@
 """The reconciler process (``segments reconcile``): background upkeep of both stores.
 
-Today it runs the expiry sweeper and keeps next months' history partitions created.
-Every step is idempotent and safe with several reconcilers at once (row locks with
-SKIP LOCKED; ``CREATE TABLE IF NOT EXISTS``).
+Each round: rebuild the Redis copy if it is incomplete, else drain the cache outbox;
+end expired memberships; and on slower clocks keep history partitions ahead, scan
+every user for divergence, and finish or retry promo syncs.  Every step is
+idempotent and safe with several reconcilers at once.
 """
 
 from __future__ import annotations
@@ -11,34 +12,68 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from service.bootstrap import Container
-from service.domain.errors import StorageUnavailable
+from service.domain.errors import CacheUnavailable, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 PARTITION_CHECK_S = 3600.0
 
 
+class _Every:
+    """Runs a step at most once per ``interval_s``."""
+
+    def __init__(self, interval_s: float, step: Callable[[], Awaitable[object]]) -> None:
+        self._interval = interval_s
+        self._step = step
+        self._next = 0.0
+
+    async def __call__(self) -> None:
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + self._interval
+            await self._step()
+
+
 async def run(container: Container, stop: asyncio.Event) -> None:
     settings = container.settings
-    next_partition_check = 0.0
+    reconciler = container.reconciler
+
+    async def sweep() -> None:
+        swept = 0
+        while not stop.is_set():
+            n = await container.segments.sweep_expired(settings.sweep_batch)
+            swept += n
+            if n < settings.sweep_batch:
+                break
+        if swept:
+            log.info("expired memberships ended for %d users", swept)
+
+    async def scan() -> None:
+        if await container.cache.is_complete():
+            result = await reconciler.scan()
+            log.info(
+                "scan: %d users, %d behind, %d repaired",
+                result.users,
+                result.found,
+                result.repaired,
+            )
+
+    steps = [
+        _Every(PARTITION_CHECK_S, container.store.ensure_history_partitions),
+        _Every(0, reconciler.step),
+        _Every(0, sweep),
+        _Every(settings.scan_interval_s, scan),
+        _Every(settings.sync_retry_interval_s, reconciler.retry_syncs),
+    ]
     while not stop.is_set():
-        try:
-            if time.monotonic() >= next_partition_check:
-                await container.store.ensure_history_partitions()
-                next_partition_check = time.monotonic() + PARTITION_CHECK_S
-            swept = 0
-            while not stop.is_set():
-                n = await container.segments.sweep_expired(settings.sweep_batch)
-                swept += n
-                if n < settings.sweep_batch:
-                    break
-            if swept:
-                log.info("expired memberships ended for %d users", swept)
-        except StorageUnavailable as exc:
-            log.warning("reconciler: %s; retrying", exc)
-        except Exception:
-            log.exception("reconciler step failed; retrying")
+        for step in steps:
+            try:
+                await step()
+            except (StorageUnavailable, CacheUnavailable) as exc:
+                log.warning("reconciler: %s; retrying", exc)
+            except Exception:
+                log.exception("reconciler step failed; retrying")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.sweep_interval_s)

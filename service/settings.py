@@ -51,9 +51,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # scheme and host of the request.
     public_base_url: str = ""
 
-    # Reconciler: how often the expiry sweeper looks for expired memberships.
+    # Reconciler: the round (outbox drain, expiry sweep) runs every sweep_interval_s; a
+    # full version scan every scan_interval_s; unfinished promo syncs are retried
+    # every sync_retry_interval_s.
     sweep_interval_s: float = 1.0
     sweep_batch: int = 1000
+    scan_interval_s: float = 300.0
+    sync_retry_interval_s: float = 30.0
+    # After Redis fails to answer, reads go straight to PostgreSQL for this long
+    # before trying Redis again (so a paused Redis does not cost every request a
+    # timeout).
+    cache_retry_after_s: float = 1.0
 
     # Merchant audiences.  The internal endpoint takes one JSON body per request,
     # buffered, up to this size (32 MiB holds ~1.4 million ids).

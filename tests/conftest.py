@@ -23,13 +23,14 @@ from service.settings import Settings, load_settings
 TABLES = (
     "membership_history, memberships, auto_exclusions, user_versions, segments,"
     " audiences, audience_members, audience_history, snapshot_parts, ingest_offsets,"
-    " promo_syncs, promo_sync_members, sync_ledger"
+    " promo_syncs, promo_sync_members, sync_ledger, cache_outbox"
 )
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    s = EmbeddedStack(tmp_path_factory.mktemp("stack"), fast=True)
+    # Valkey without persistence, as in production: a restart empties it.
+    s = EmbeddedStack(tmp_path_factory.mktemp("stack"), fast=True, persistent=False)
     s.start()
     try:
         upgrade(s.postgres.url)

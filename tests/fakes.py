@@ -109,6 +109,9 @@ class FakeStore:
             frozenset(self.excluded.get(user_id, set())),
         )
 
+    async def user_states_of(self, user_ids: Sequence[int]) -> list[UserState]:
+        return [await self.user_state(u) for u in user_ids]
+
     async def registry(self) -> Registry:
         return Registry(
             max(self.seg_version.values(), default=0),

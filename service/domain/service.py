@@ -10,7 +10,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from service.domain import rules
-from service.domain.errors import CacheUnavailable, InvalidRequest, SegmentNotFound
+from service.domain.errors import (
+    CacheUnavailable,
+    InvalidRequest,
+    SegmentNotFound,
+    StorageUnavailable,
+)
 from service.domain.model import AddItem, Registry, Segment, UserState
 from service.domain.ports import Cache, Store
 
@@ -37,6 +42,7 @@ class SegmentService:
         fallback_concurrency: int = 16,
         rebuild_batch: int = 5000,
         rebuild_lease_s: float = 30.0,
+        cache_retry_after_s: float = 1.0,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -45,6 +51,15 @@ class SegmentService:
         self._fallback = asyncio.Semaphore(fallback_concurrency)
         self._rebuild_batch = rebuild_batch
         self._rebuild_lease_s = rebuild_lease_s
+        # A small circuit breaker: after Redis fails to answer, reads skip it until
+        # this monotonic time, instead of each paying the timeout.
+        self._cache_retry_after_s = cache_retry_after_s
+        self._skip_cache_until = 0.0
+        # Users (and the registry) whose cache write failed after commit: read from
+        # PostgreSQL until a background retry lands the write.
+        self._dirty: set[int] = set()
+        self._registry_dirty = False
+        self._repair_task: asyncio.Task[None] | None = None
         self._registry = Registry(version=0)
         self._registry_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[bool] | None = None
@@ -127,10 +142,16 @@ class SegmentService:
                 {"user_id": user_id},
             )
         now = self._clock()
-        try:
-            cached = await self._cache.read_user(user_id, now)
-        except CacheUnavailable:
-            cached = None
+        cached = None
+        if (
+            time.monotonic() >= self._skip_cache_until
+            and user_id not in self._dirty
+            and not self._registry_dirty
+        ):
+            try:
+                cached = await self._cache.read_user(user_id, now)
+            except CacheUnavailable:
+                self._skip_cache_until = time.monotonic() + self._cache_retry_after_s
         if cached is None:
             return await self._read_from_store(user_id, now)
         self.reads_from_cache += 1
@@ -162,10 +183,12 @@ class SegmentService:
         try:
             await self._cache.write_users(states)
         except CacheUnavailable:
-            # The change is durable in PostgreSQL; the cache catches up on its
-            # rebuild (and, later, from the reconciler's outbox drain).
-            log.warning("cache write failed after commit; the cache will be rebuilt")
-            await self._invalidate_cache()
+            # The change is durable in PostgreSQL.  Until Redis has it, this process
+            # reads these users from PostgreSQL and keeps retrying the write; if the
+            # process dies first, the reconciler finds the change in the outbox.
+            log.warning("cache write failed after commit; repairing in the background")
+            self._dirty.update(s.user_id for s in states)
+            self._start_repair()
 
     async def _publish_registry(self) -> None:
         registry = await self._store.registry()
@@ -173,13 +196,28 @@ class SegmentService:
         try:
             await self._cache.write_registry(registry)
         except CacheUnavailable:
-            log.warning("registry write failed after commit; the cache will be rebuilt")
-            await self._invalidate_cache()
+            log.warning("registry write failed after commit; repairing in the background")
+            self._registry_dirty = True
+            self._start_repair()
 
-    async def _invalidate_cache(self) -> None:
-        # If Redis is unreachable, reads fall back to PostgreSQL anyway.
-        with contextlib.suppress(CacheUnavailable):
-            await self._cache.invalidate()
+    def _start_repair(self) -> None:
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.create_task(self._repair())
+
+    async def _repair(self) -> None:
+        """Retry this process's failed cache writes until Redis takes them."""
+        while self._dirty or self._registry_dirty:
+            await asyncio.sleep(self._cache_retry_after_s / 4)
+            try:
+                if self._registry_dirty:
+                    await self._cache.write_registry(await self._store.registry())
+                    self._registry_dirty = False
+                users = list(self._dirty)
+                if users:
+                    await self._cache.write_users(await self._store.user_states_of(users))
+                    self._dirty.difference_update(users)
+            except (CacheUnavailable, StorageUnavailable):
+                continue
 
     async def _refresh_registry(self, seen_version: int) -> Registry:
         async with self._registry_lock:
@@ -215,12 +253,17 @@ class SegmentService:
             started = time.monotonic()
             await self._cache.write_registry(await self._store.registry())
             users = 0
+            next_progress = started + 5
             async for batch in self._store.user_states(self._rebuild_batch):
                 if not await self._cache.renew_rebuild(generation, self._rebuild_lease_s):
                     log.warning("cache rebuild lost its lease; another process continues")
                     return False
                 await self._cache.write_users(batch)
                 users += len(batch)
+                if time.monotonic() >= next_progress:
+                    elapsed = time.monotonic() - started
+                    log.info("cache rebuild: %d users so far (%.0f/s)", users, users / elapsed)
+                    next_progress += 5
             for phase in self._rebuild_phases:
                 await phase()
             done = await self._cache.finish_rebuild(generation)

@@ -1,0 +1,157 @@
+"""The reconciler's use cases: make Redis agree with PostgreSQL, and finish what crashed.
+
+Every step is idempotent and safe to run in several processes at once: outbox rows
+are claimed with SKIP LOCKED, cache writes are versioned, and promo syncs take the
+promo's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.domain.audiences import AudienceKey, AudienceService
+from service.domain.errors import DomainError
+from service.domain.model import UserState
+from service.domain.service import SegmentService
+
+log = logging.getLogger(__name__)
+
+
+class ReconcileStore(Protocol):
+    async def drain_outbox(
+        self, limit: int, min_age_s: float, apply: Callable[[list[UserState]], Awaitable[None]]
+    ) -> int: ...
+
+    async def scan_versions(
+        self, after_user_id: int, limit: int
+    ) -> list[tuple[int, int, bool]]: ...
+
+    async def user_states_of(self, user_ids: Sequence[int]) -> list[UserState]: ...
+
+
+class ReconcileCache(Protocol):
+    async def write_users(self, states: Sequence[UserState]) -> None: ...
+
+    async def versions(self, user_ids: Sequence[int]) -> list[int | None]: ...
+
+    async def record_reconcile(
+        self, found: int, repaired: int, confirmed_at: float | None
+    ) -> None: ...
+
+    async def is_complete(self) -> bool: ...
+
+
+class UnfinishedSyncs(Protocol):
+    async def unfinished_syncs(
+        self, older_than_s: float, max_attempts: int
+    ) -> list[tuple[str, AudienceKey, dt.date]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    users: int
+    found: int
+    repaired: int
+
+
+def _behind(redis_version: int | None, version: int, live: bool) -> bool:
+    """Is the cached copy of this user older than PostgreSQL's?"""
+    if redis_version is None:
+        return live  # no key is right only for a user with nothing to show
+    return redis_version < version
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: ReconcileStore,
+        cache: ReconcileCache,
+        segments: SegmentService,
+        audiences: AudienceService,
+        syncs: UnfinishedSyncs,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._segments = segments
+        self._audiences = audiences
+        self._syncs = syncs
+        self._clock = clock
+
+    async def drain_outbox(self, batch: int = 1000, min_age_s: float = 1.0) -> int:
+        """Write to Redis every change whose write-through may not have happened."""
+        total = 0
+        while n := await self._store.drain_outbox(batch, min_age_s, self._cache.write_users):
+            total += n
+            if n < batch:
+                break
+        return total
+
+    async def scan(self, batch: int = 1000, recheck_after_s: float = 0.5) -> ScanResult:
+        """Compare every user's version in PostgreSQL and Redis; repair the ones behind.
+
+        A user found behind is checked again after ``recheck_after_s``, so a
+        write-through still in flight is not counted as divergence.
+        """
+        started = self._clock()
+        users = found = repaired = 0
+        after = 0
+        while rows := await self._store.scan_versions(after, batch):
+            after = rows[-1][0]
+            users += len(rows)
+            cached = await self._cache.versions([uid for uid, _, _ in rows])
+            suspects = [
+                uid
+                for (uid, version, live), rv in zip(rows, cached, strict=True)
+                if _behind(rv, version, live)
+            ]
+            if not suspects:
+                continue
+            await asyncio.sleep(recheck_after_s)
+            states = await self._store.user_states_of(suspects)
+            again = await self._cache.versions([s.user_id for s in states])
+            now = self._clock()
+            stale = [
+                s
+                for s, rv in zip(states, again, strict=True)
+                if _behind(
+                    rv,
+                    s.version,
+                    bool(s.excluded) or any(m.expires_at > now for m in s.memberships),
+                )
+            ]
+            if stale:
+                log.warning("cache divergence: %d users behind PostgreSQL; repairing", len(stale))
+                await self._cache.write_users(stale)
+                found += len(stale)
+                repaired += len(stale)
+        # The copy was confirmed consistent as of the start of this scan.
+        await self._cache.record_reconcile(found, repaired, started)
+        return ScanResult(users, found, repaired)
+
+    async def retry_syncs(self, older_than_s: float = 30.0, max_attempts: int = 10) -> int:
+        """Finish promo syncs a crash left pending, and retry failed ones."""
+        done = 0
+        for promo_id, key, end_date in await self._syncs.unfinished_syncs(
+            older_than_s, max_attempts
+        ):
+            try:
+                await self._audiences.sync(key, promo_id, end_date)
+                done += 1
+            except DomainError as exc:
+                log.warning("sync of promo %s still failing: %s", promo_id, exc.message)
+        return done
+
+    async def step(self) -> None:
+        """One round: rebuild if the copy is incomplete, otherwise drain the outbox."""
+        if not await self._cache.is_complete():
+            await self._segments.rebuild_cache()
+            return
+        await self.drain_outbox()
