@@ -37,6 +37,8 @@ _CONNECTION_ERRORS = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # Raised when a connection lost mid-exchange is used again.
+    asyncpg.InternalClientError,
 )
 
 _SEGMENT_COLUMNS = "id, slug, description, auto_bp, created_at"
@@ -105,7 +107,13 @@ class PgStore:
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self._pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except _CONNECTION_ERRORS:
+                    # The connection may be half-way through a protocol exchange: never
+                    # hand it to the next caller.
+                    conn.terminate()
+                    raise
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
 
