@@ -87,9 +87,9 @@ async def _reader(
             continue
         stats.reads += 1
         # Compare only if no write of this user started or ended meanwhile.
-        if rec.writes.get(uid, 0) == seen and uid not in rec.busy and uid not in rec.unknown:
-            if body["segments"] != expected:
-                stats.wrong.append((uid, body["segments"], expected))
+        settled = rec.writes.get(uid, 0) == seen and uid not in rec.busy | rec.unknown
+        if settled and body["segments"] != expected:
+            stats.wrong.append((uid, body["segments"], expected))
 
 
 async def run_load(
