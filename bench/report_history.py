@@ -71,7 +71,12 @@ async def through_api(env: dict[str, str], period: str) -> tuple[float, int, int
         segments=container.segments,
         reports=container.reports,
         audiences=container.audiences,
-        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        probes=Probes(
+            container.segments,
+            container.store.ping,
+            container.cache.ping,
+            container.cache.freshness,
+        ),
         settings=container.settings,
     )
     server = TestServer(app, host="127.0.0.1")

@@ -103,7 +103,12 @@ async def make_app(settings: Settings) -> web.Application:
         segments=container.segments,
         reports=container.reports,
         audiences=container.audiences,
-        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        probes=Probes(
+            container.segments,
+            container.store.ping,
+            container.cache.ping,
+            container.cache.freshness,
+        ),
         settings=settings,
     )
 

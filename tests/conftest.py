@@ -56,6 +56,7 @@ async def settings(stack: EmbeddedStack, cp_server: TestServer) -> Settings:
             "SEGMENTS_FALLBACK_CONCURRENCY": "8",
             "SEGMENTS_CP_URL": str(cp_server.make_url("")),
             "SEGMENTS_CP_MAX_ATTEMPTS": "3",
+            "SEGMENTS_CP_TIMEOUT_S": "0.5",
             "SEGMENTS_SYNC_THRESHOLD": "2",
         }
     )
@@ -99,7 +100,12 @@ async def server(container: Container) -> AsyncIterator[TestServer]:
         segments=container.segments,
         reports=container.reports,
         audiences=container.audiences,
-        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        probes=Probes(
+            container.segments,
+            container.store.ping,
+            container.cache.ping,
+            container.cache.freshness,
+        ),
         settings=container.settings,
     )
     srv = TestServer(app, host="127.0.0.1")

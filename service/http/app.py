@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import swagger_ui
 from aiohttp import web
 
 from service.domain.audiences import AudienceService
+from service.domain.errors import CacheUnavailable
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.audience_handlers import AudienceHandlers
@@ -40,10 +43,12 @@ class Probes:
         segments: SegmentService,
         store_ping: Callable[[], Awaitable[bool]],
         cache_ping: Callable[[], Awaitable[bool]],
+        freshness: Callable[[], Awaitable[dict[str, float]]] | None = None,
     ) -> None:
         self._svc = segments
         self._store_ping = store_ping
         self._cache_ping = cache_ping
+        self._freshness = freshness
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -60,7 +65,20 @@ class Probes:
             self._svc.start_rebuild()
         else:
             status, code = "storage_unavailable", 503
-        checks = {"postgres": store_ok, "redis": cache_ok, "cache_complete": complete}
+        checks: dict[str, object] = {
+            "postgres": store_ok,
+            "redis": cache_ok,
+            "cache_complete": complete,
+        }
+        if cache_ok and self._freshness is not None:
+            # Like LaunchDarkly's synchronized_on: how long ago the reconciler last
+            # confirmed that Redis agrees with PostgreSQL (reported, not failed on).
+            with contextlib.suppress(CacheUnavailable):
+                fresh = await self._freshness()
+                if "synchronized_on" in fresh:
+                    checks["synchronized_age_s"] = round(time.time() - fresh["synchronized_on"], 1)
+                checks["divergence_found"] = int(fresh.get("divergence_found", 0))
+                checks["divergence_repaired"] = int(fresh.get("divergence_repaired", 0))
         return web.json_response({"status": status, "checks": checks}, status=code)
 
 

@@ -108,4 +108,9 @@ async def test_probes(http: aiohttp.ClientSession) -> None:
     async with http.get("/readyz") as r:
         body = await r.json()
         assert r.status == 200, body
-        assert body["checks"] == {"postgres": True, "redis": True, "cache_complete": True}
+        assert body["status"] == "ready"
+        assert {k: body["checks"][k] for k in ("postgres", "redis", "cache_complete")} == {
+            "postgres": True,
+            "redis": True,
+            "cache_complete": True,
+        }

@@ -34,6 +34,13 @@ class Stats:
     rejected: int = 0
     write_statuses: dict[int, int] = field(default_factory=dict)
 
+    def summary(self, scenario: str) -> str:
+        return (
+            f"[{scenario}] reads={self.reads} wrong={len(self.wrong)}"
+            f" read_errors={self.read_errors} max_read_ms={self.max_read_s * 1000:.0f}"
+            f" writes={dict(sorted(self.write_statuses.items()))}"
+        )
+
 
 async def _writer(
     http: aiohttp.ClientSession, users: list[int], rec: Record, stats: Stats, stop: asyncio.Event

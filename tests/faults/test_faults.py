@@ -68,6 +68,7 @@ async def test_flushall_mid_load(seeded: aiohttp.ClientSession, clean: Container
         await clean.cache._r.flushall()
 
     rec, stats = await run_load(seeded, users=USERS, seconds=4, fault_at=1.5, fault=fault)
+    print(stats.summary("redis FLUSHALL"))
     assert stats.reads > 200 and stats.acked > 50
     assert stats.wrong == []
     assert stats.read_errors == 0
@@ -83,6 +84,7 @@ async def test_redis_killed_and_restarted_mid_load(
         await asyncio.to_thread(stack.valkey.start)
 
     rec, stats = await run_load(seeded, users=USERS, seconds=5, fault_at=1.5, fault=fault)
+    print(stats.summary("redis SIGKILL + restart"))
     assert stats.acked > 50
     assert stats.wrong == []
     assert stats.read_errors == 0
@@ -100,6 +102,7 @@ async def test_redis_paused_reads_answer_from_postgres_in_time(
             stack.valkey.resume()
 
     rec, stats = await run_load(seeded, users=USERS, seconds=7, fault_at=1, fault=fault)
+    print(stats.summary("redis SIGSTOP 5 s"))
     assert stats.read_errors == 0
     # The Redis timeout is 250 ms; nothing may hang on the paused server.
     assert stats.max_read_s < 1.5, stats.max_read_s
@@ -117,6 +120,7 @@ async def test_postgres_stopped_mid_load(
         await asyncio.to_thread(stack.postgres.start)
 
     rec, stats = await run_load(seeded, users=USERS, seconds=6, fault_at=1.5, fault=fault)
+    print(stats.summary("postgres stopped 2 s"))
     # While PostgreSQL was down, writes were refused with 503 (nothing changed) and
     # reads kept being answered from Redis.
     assert stats.write_statuses.get(503, 0) > 0
@@ -227,3 +231,32 @@ async def test_consumer_killed_mid_batch_applies_everything_once(
     )
     history = await db.fetchval("SELECT count(*) FROM audience_history WHERE merchant_id = 77")
     assert (members, history, await applied()) == (total, total, total)
+
+
+async def test_cp_timeouts_and_lost_answers_never_double_count(
+    http: aiohttp.ClientSession, cp: aiohttp.ClientSession, clean: Container, db: asyncpg.Connection
+) -> None:
+    url = "/internal/v1/merchants/3/segments/T/customers"
+    async with http.put(url, json={"customer_ids": list(range(1, 51))}) as r:
+        assert r.status == 200
+    body = {"promo_id": "SLOW", "end_date": "2099-12-31"}
+    # CP answers after the client's timeout (0.5 s in the tests) but still applies each
+    # call: every attempt times out, and some of them were applied.
+    async with cp.post("/_admin/faults", json={"latency_ms": 800}) as r:
+        assert r.status == 200
+    async with http.post("/v1/merchants/3/segments/T/sync", json=body) as r:
+        assert r.status == 502
+        assert (await r.json())["error"]["code"] == "cp_unavailable"
+    assert await db.fetchval("SELECT count(*) FROM sync_ledger") == 0
+    # CP recovers; the reconciler retries the failed sync with the same idempotency keys.
+    async with cp.post("/_admin/faults", json={}) as r:
+        assert r.status == 200
+    assert await clean.reconciler.retry_syncs(older_than_s=0) == 1
+    async with http.post("/v1/merchants/3/segments/T/sync", json=body) as r:
+        assert (r.status, (await r.json())["synced"]) == (200, 50)
+    async with cp.get("/_admin/state") as r:
+        (segment,) = (await r.json())["segments"]
+    assert segment["members"] == 50
+    assert await db.fetchval("SELECT count(*) FROM sync_ledger") == 50
+    async with http.get("/v1/customers/7/sync-count") as r:
+        assert (await r.json())["active_synced_segments"] == 1
