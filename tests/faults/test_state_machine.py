@@ -376,10 +376,6 @@ def _bind(container: Container, loop: asyncio.AbstractEventLoop) -> type[Segment
 
 async def test_state_machine(clean: Container) -> None:
     machine = _bind(clean, asyncio.get_running_loop())
-    orig = clean.segments._write_through
-    async def lossy(states):
-        await orig([s for s in states if s.user_id != 3])
-    clean.segments._write_through = lossy
     started = time.monotonic()
     await asyncio.to_thread(run_state_machine_as_test, machine, settings=SETTINGS)
     assert time.monotonic() - started < 120
