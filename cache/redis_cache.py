@@ -18,6 +18,7 @@ import redis.asyncio as redis
 from redis import exceptions as redis_errors
 
 from cache import keys
+from cache.pipelined import PipelinedPool
 from service.domain.errors import CacheUnavailable
 from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, UserState
 
@@ -115,8 +116,12 @@ def _user_args(state: UserState, now: float) -> list[Any]:
 
 
 class RedisCache:
-    def __init__(self, client: redis.Redis) -> None:
+    """The serving copy.  ``fast``, when given, carries the hot per-user read (see
+    cache/pipelined.py for why); everything else goes through redis-py."""
+
+    def __init__(self, client: redis.Redis, fast: PipelinedPool | None = None) -> None:
         self._r = client
+        self._fast = fast
         self._read = client.register_script(_READ)
         self._write_user = client.register_script(_WRITE_USER)
         self._write_registry = client.register_script(_WRITE_REGISTRY)
@@ -125,7 +130,14 @@ class RedisCache:
         self._count_synced = client.register_script(_COUNT_SYNCED)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 0.25, pool_size: int = 64) -> RedisCache:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 0.25,
+        pool_size: int = 64,
+        pipelined_reads: bool = True,
+    ) -> RedisCache:
         client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -134,9 +146,19 @@ class RedisCache:
             # Fail fast: the caller falls back to PostgreSQL instead of retrying here.
             retry_on_timeout=False,
         )
-        return cls(client)
+        fast = PipelinedPool(url, timeout_s=timeout_s) if pipelined_reads else None
+        return cls(client, fast)
+
+    async def start(self) -> None:
+        """Open the pipelined read connection.  A Redis that is down now is not an
+        error: reads fall back to PostgreSQL and the pool reconnects by itself."""
+        if self._fast is not None:
+            with contextlib.suppress(redis_errors.ConnectionError, redis_errors.TimeoutError):
+                await self._fast.connect()
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self._r.aclose()
 
     async def ping(self) -> bool:
@@ -149,8 +171,18 @@ class RedisCache:
     # -- reads ----------------------------------------------------------------
 
     async def read_user(self, user_id: int, now: float) -> CachedUser | None:
+        read_keys = [keys.META, keys.user(user_id)]
+        args = [f"({now!r}"]
         async with _guard():
-            raw = await self._read(keys=[keys.META, keys.user(user_id)], args=[f"({now!r}"])
+            if self._fast is None:
+                raw = await self._read(keys=read_keys, args=args)
+            else:
+                try:
+                    raw = await self._fast.evalsha(self._read.sha, read_keys, args)
+                except redis_errors.NoScriptError:
+                    # A restarted server forgot its scripts: load and ask again.
+                    await self._r.script_load(_READ)
+                    raw = await self._fast.evalsha(self._read.sha, read_keys, args)
         if raw is None:
             return None
         members: list[int] = []

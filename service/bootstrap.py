@@ -59,8 +59,12 @@ async def build(settings: Settings) -> Container:
         command_timeout=settings.db_command_timeout_s,
     )
     cache = RedisCache.from_url(
-        settings.redis_url, timeout_s=settings.redis_timeout_s, pool_size=settings.redis_pool_size
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        pool_size=settings.redis_pool_size,
+        pipelined_reads=settings.redis_pipelined_reads,
     )
+    await cache.start()
     segments = SegmentService(
         store,
         cache,

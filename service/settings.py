@@ -36,6 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # fall back to PostgreSQL quickly rather than hang the request.
     redis_timeout_s: float = 0.25
     redis_pool_size: int = 64
+    # The hot read goes through one auto-pipelined connection (cache/pipelined.py).
+    redis_pipelined_reads: bool = True
     # Reads served from PostgreSQL while the cache is incomplete are bounded, so a
     # cold cache cannot exhaust the database pool.
     fallback_concurrency: int = 16
