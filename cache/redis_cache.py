@@ -34,6 +34,18 @@ table.insert(out, 1, registry)
 return out
 """
 
+# KEYS: meta, then user keys.  One call for a whole batch (a standalone or Sentinel
+# layout; on Redis Cluster the keys would have to be grouped by slot).
+_READ_MANY = """
+local complete, registry = unpack(redis.call('HMGET', KEYS[1], 'complete', 'registry'))
+if not complete or not registry then return false end
+local out = {registry}
+for i = 2, #KEYS do
+  out[i] = redis.call('ZRANGE', KEYS[i], ARGV[1], '+inf', 'BYSCORE')
+end
+return out
+"""
+
 _COUNT_SYNCED = """
 if not redis.call('HGET', KEYS[1], 'complete') then return false end
 return redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
@@ -101,6 +113,17 @@ def _score(expires_at: float) -> str:
     return "+inf" if expires_at == NEVER else repr(expires_at)
 
 
+def _cached_user(registry_version: int, items: Sequence[bytes]) -> CachedUser:
+    members: list[int] = []
+    excluded: list[int] = []
+    for item in items:
+        if item[:1] == b"x":
+            excluded.append(int(item[1:]))
+        else:
+            members.append(int(item))
+    return CachedUser(registry_version, tuple(members), tuple(excluded))
+
+
 def _user_args(state: UserState, now: float) -> list[Any]:
     args: list[Any] = [state.version, 0]
     latest = 0.0
@@ -128,6 +151,7 @@ class RedisCache:
         self._finish = client.register_script(_FINISH_REBUILD)
         self._renew = client.register_script(_RENEW_LEASE)
         self._count_synced = client.register_script(_COUNT_SYNCED)
+        self._read_many = client.register_script(_READ_MANY)
 
     @classmethod
     def from_url(
@@ -185,14 +209,18 @@ class RedisCache:
                     raw = await self._fast.evalsha(self._read.sha, read_keys, args)
         if raw is None:
             return None
-        members: list[int] = []
-        excluded: list[int] = []
-        for item in raw[1:]:
-            if item[:1] == b"x":
-                excluded.append(int(item[1:]))
-            else:
-                members.append(int(item))
-        return CachedUser(int(raw[0]), tuple(members), tuple(excluded))
+        return _cached_user(int(raw[0]), raw[1:])
+
+    async def read_users(self, user_ids: Sequence[int], now: float) -> list[CachedUser] | None:
+        """Many users in one round trip; None when the cache is not complete."""
+        async with _guard():
+            raw = await self._read_many(
+                keys=[keys.META, *(keys.user(uid) for uid in user_ids)], args=[f"({now!r}"]
+            )
+        if raw is None:
+            return None
+        version = int(raw[0])
+        return [_cached_user(version, items) for items in raw[1:]]
 
     async def read_registry(self) -> Registry | None:
         async with _guard(), self._r.pipeline(transaction=True) as pipe:

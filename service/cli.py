@@ -38,7 +38,64 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     host = args.host or settings.http_host
     port = args.port or settings.http_port
-    web.run_app(make_app(settings), host=host, port=port, access_log=None, print=None)
+    workers = args.workers or settings.http_workers
+    if workers > 1:
+        return _serve_workers(workers, host, port)
+    if settings.http_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:  # optional: the service runs on the stock loop too
+            pass
+    web.run_app(
+        make_app(settings),
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        # Several worker processes share the port; the kernel spreads connections.
+        reuse_port=args.reuse_port,
+    )
+    return 0
+
+
+def _serve_workers(workers: int, host: str, port: int) -> int:
+    """A pre-fork supervisor: N `serve` processes on one port (SO_REUSEPORT).
+
+    Each worker is a whole, stateless API process; a worker that dies is replaced.
+    """
+    command = [
+        sys.executable, "-m", "service.cli", "serve",
+        "--host", host, "--port", str(port), "--workers", "1", "--reuse-port",
+    ]  # fmt: skip
+    children = [subprocess.Popen(command) for _ in range(workers)]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping:
+            for i, child in enumerate(children):
+                if child.poll() is not None:
+                    log.warning(
+                        "worker %d exited with %s; starting another", child.pid, child.returncode
+                    )
+                    children[i] = subprocess.Popen(command)
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
     return 0
 
 
@@ -276,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "serve":
             p.add_argument("--host", default=None, help="listen address (default: settings)")
             p.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
+            p.add_argument(
+                "--workers", type=int, default=None, help="worker processes (default: settings)"
+            )
+            p.add_argument(
+                "--reuse-port", action="store_true", help="bind with SO_REUSEPORT (for workers)"
+            )
         elif name == "cp-emulator":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=8081)

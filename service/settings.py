@@ -24,6 +24,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # HTTP.
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # API worker processes sharing the port (SO_REUSEPORT); about one per core.
+    http_workers: int = 1
+    http_uvloop: bool = True
     max_body_bytes: int = 1024 * 1024
     max_list_length: int = 1000
 

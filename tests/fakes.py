@@ -156,6 +156,15 @@ class FakeCache:
         live = tuple(m.segment_id for m in state.memberships if m.expires_at > now)
         return CachedUser(self.registry.version, live, tuple(state.excluded))
 
+    async def read_users(self, user_ids: Sequence[int], now: float) -> list[CachedUser] | None:
+        out = []
+        for uid in user_ids:
+            one = await self.read_user(uid, now)
+            if one is None:
+                return None
+            out.append(one)
+        return out
+
     async def write_users(self, states: Sequence[UserState]) -> None:
         self._check()
         for s in states:

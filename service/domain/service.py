@@ -167,6 +167,51 @@ class SegmentService:
         await self._write_through(states)
         return len(states)
 
+    async def users_segments(self, user_ids: Sequence[int]) -> dict[int, list[str]]:
+        """Many users at once: one Redis round trip, or one PostgreSQL query."""
+        bad = [uid for uid in user_ids if not rules.is_valid_user_id(uid)]
+        if bad:
+            raise InvalidRequest(
+                f"user ids must be integers in {rules.USER_ID_MIN}..{rules.USER_ID_MAX}",
+                {"user_ids": bad[:10]},
+            )
+        if len(user_ids) > self._max_items:
+            raise InvalidRequest(f"at most {self._max_items} user ids per request")
+        unique = list(dict.fromkeys(user_ids))
+        now = self._clock()
+        cached = None
+        if time.monotonic() >= self._skip_cache_until and not self._registry_dirty:
+            try:
+                cached = await self._cache.read_users(unique, now)
+            except CacheUnavailable:
+                self._skip_cache_until = time.monotonic() + self._cache_retry_after_s
+        if cached is None or self._dirty.intersection(unique):
+            if cached is None:
+                self.start_rebuild()
+            return await self._read_many_from_store(unique, now)
+        self.reads_from_cache += 1
+        registry = self._registry
+        if cached and cached[0].registry_version != registry.version:
+            registry = await self._refresh_registry(cached[0].registry_version)
+        return {
+            uid: rules.visible_slugs(registry, uid, c.member_ids, c.excluded_ids)
+            for uid, c in zip(unique, cached, strict=True)
+        }
+
+    async def _read_many_from_store(
+        self, user_ids: Sequence[int], now: float
+    ) -> dict[int, list[str]]:
+        self.reads_from_store += 1
+        async with self._fallback:
+            registry = await self._store.registry()
+            states = {s.user_id: s for s in await self._store.user_states_of(user_ids)}
+        out = {}
+        for uid in user_ids:
+            state = states.get(uid, UserState(uid, 0))
+            live = [m.segment_id for m in state.memberships if m.expires_at > now]
+            out[uid] = rules.visible_slugs(registry, uid, live, state.excluded)
+        return out
+
     async def _read_from_store(self, user_id: int, now: float) -> list[str]:
         """Answer from PostgreSQL while the cache is incomplete or unreachable."""
         self.reads_from_store += 1

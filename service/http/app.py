@@ -114,6 +114,7 @@ def create_app(
             web.get("/v1/segments/{slug}", h.get_segment),
             web.patch("/v1/segments/{slug}", h.update_segment),
             web.delete("/v1/segments/{slug}", h.delete_segment),
+            web.post("/v1/users/segments:batch", h.batch_user_segments),
             web.post("/v1/users/{user_id}/segments", h.update_user_segments),
             web.get("/v1/users/{user_id}/segments", h.get_user_segments),
             web.put(customers, a.replace),

@@ -136,6 +136,11 @@ class Handlers:
         segments = await self._svc.update_user(user_id, add, body.remove)
         return _json({"user_id": user_id, "segments": segments})
 
+    async def batch_user_segments(self, request: web.Request) -> web.Response:
+        body = await decode(request, schemas.BatchRead, self._max_body)
+        found = await self._svc.users_segments(body.user_ids)
+        return _json({"users": {str(uid): slugs for uid, slugs in found.items()}})
+
     async def get_user_segments(self, request: web.Request) -> web.Response:
         user_id = user_id_from(request)
         segments = await self._svc.user_segments(user_id)

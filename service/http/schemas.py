@@ -122,6 +122,14 @@ class SyncCount(Struct):
     active_synced_segments: int
 
 
+class BatchRead(Struct, forbid_unknown_fields=True):
+    user_ids: Annotated[list[UserId], Meta(max_length=MAX_ITEMS)]
+
+
+class BatchSegments(Struct):
+    users: dict[str, list[str]]
+
+
 class ErrorDetail(Struct):
     code: str
     message: str

@@ -146,3 +146,23 @@ async def test_concurrent_updates_of_one_user_are_serialised(http: aiohttp.Clien
     results = await asyncio.gather(*(update(http, 77, [s]) for s in slugs))
     assert all(status == 200 for status, _ in results)
     assert await segments_of(http, 77) == sorted(slugs)
+
+
+async def test_batch_read_one_round_trip_and_fallback(
+    http: aiohttp.ClientSession, clean: Container
+) -> None:
+    await create(http, "A")
+    await create(http, "B")
+    await update(http, 1, ["A"])
+    await update(http, 2, ["A", "B"])
+    ids = [1, 2, 3, 2]
+    expected = {"1": ["A"], "2": ["A", "B"], "3": []}
+    async with http.post("/v1/users/segments:batch", json={"user_ids": ids}) as r:
+        assert (r.status, await r.json()) == (200, {"users": expected})
+    await clean.cache._r.flushall()
+    async with http.post("/v1/users/segments:batch", json={"user_ids": ids}) as r:
+        assert (await r.json())["users"] == expected  # answered from PostgreSQL
+    async with http.post("/v1/users/segments:batch", json={"user_ids": [0]}) as r:
+        assert r.status == 422
+    async with http.post("/v1/users/segments:batch", json={"user_ids": list(range(1, 1002))}) as r:
+        assert r.status == 422

@@ -55,10 +55,10 @@ TTL_S = 1
 MARGIN_S = 0.2
 
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=20,
     stateful_step_count=25,
     deadline=None,
-    derandomize=False,
+    derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

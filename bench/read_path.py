@@ -1,0 +1,190 @@
+"""Read-path benchmarks, each against a ceiling measured in the same run.
+
+    .venv/bin/python -m bench.read_path [--users 100000] [--seconds 10]
+
+1. GET /v1/users/{id}/segments, 100,000 users x 5 memberships, one worker, 64
+   connections (wrk): requests/s as a ratio of a bare aiohttp handler returning fixed
+   JSON, and p99.
+2. Two workers (SO_REUSEPORT) vs one.
+3. Cache rebuild from PostgreSQL: memberships/s.
+4. Redis memory per user (used_memory delta / users).
+5. 20 percentage segments defined: cost on the read path.
+6. Batch reads (1,000 ids per request): user lookups/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+import orjson
+
+from bench.stack import bench_stack
+from bench.wrk import WrkResult, run_wrk
+from service.bootstrap import build
+from service.devstack import free_port
+from service.settings import load_settings
+
+SEGMENTS = 20
+PER_USER = 5
+
+
+async def seed(env: dict[str, str], users: int) -> dict[str, float]:
+    """Segments through the service, memberships by COPY, then a timed cache rebuild."""
+    container = await build(load_settings(env))
+    try:
+        for i in range(SEGMENTS):
+            await container.segments.create_segment(f"SEG_{i}")
+        ids = sorted((await container.store.registry()).segments)
+        conn = await asyncpg.connect(env["SEGMENTS_DATABASE_URL"])
+        await conn.copy_records_to_table(
+            "memberships",
+            records=(
+                (u, ids[(u + k * 4) % SEGMENTS])
+                for u in range(1, users + 1)
+                for k in range(PER_USER)
+            ),
+            columns=["user_id", "segment_id"],
+        )
+        await conn.copy_records_to_table(
+            "user_versions",
+            records=((u, u) for u in range(1, users + 1)),
+            columns=["user_id", "version"],
+        )
+        await conn.execute("ANALYZE")
+        await conn.close()
+        redis = container.cache._r
+        await redis.flushall()
+        before = (await redis.info("memory"))["used_memory"]
+        started = time.perf_counter()
+        assert await container.segments.rebuild_cache()
+        rebuild_s = time.perf_counter() - started
+        # The registry and meta keys are a few hundred bytes: all of the delta is users.
+        after = (await redis.info("memory"))["used_memory"]
+        return {
+            "rebuild_s": rebuild_s,
+            "memberships_per_s": users * PER_USER / rebuild_s,
+            "bytes_per_user": (after - before) / users,
+        }
+    finally:
+        await container.close()
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], port: int) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/users/1/segments", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, "server exited"
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def api(env: dict[str, str], port: int, workers: int = 1) -> list[str]:
+    return ["-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)]
+
+
+def measure(port: int, users: int, seconds: int) -> WrkResult:
+    url = f"http://127.0.0.1:{port}/v1/users/1/segments"
+    run_wrk(url, users=users, seconds=2)  # warm-up
+    return run_wrk(url, users=users, seconds=seconds)
+
+
+def batch_lookups(port: int, users: int, seconds: float) -> float:
+    """User lookups/s through POST /v1/users/segments:batch, 1,000 ids per request."""
+
+    async def run() -> float:
+        import aiohttp
+
+        done = 0
+        stop = time.monotonic() + seconds
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+
+            async def worker(seed: int) -> None:
+                nonlocal done
+                start = seed * 1000
+                while time.monotonic() < stop:
+                    ids = [(start + i) % users + 1 for i in range(1000)]
+                    async with http.post("/v1/users/segments:batch", json={"user_ids": ids}) as r:
+                        assert r.status == 200
+                        await r.read()
+                    done += 1000
+                    start += 8000
+
+            await asyncio.gather(*(worker(i) for i in range(8)))
+        return done / seconds
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--seconds", type=int, default=10)
+    a = parser.parse_args()
+    with bench_stack() as stack:
+        env = {**os.environ, **stack.env(), "SEGMENTS_LOG_LEVEL": "WARNING"}
+        seeded = asyncio.run(seed(env, a.users))
+        port = free_port()
+        with process(["-m", "bench.bare_server", str(port)], env, port):
+            bare = measure(port, a.users, a.seconds)
+        with process(api(env, port), env, port):
+            one = measure(port, a.users, a.seconds)
+            lookups = batch_lookups(port, a.users, 5)
+        with process(api(env, port, workers=2), env, port):
+            two = measure(port, a.users, a.seconds)
+        # 20 percentage segments of 10 % each, then the single-worker read again.
+        with process(api(env, port), env, port):
+            for i in range(20):
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/segments",
+                    data=orjson.dumps({"slug": f"AUTO_{i}", "auto_percent": 10}),
+                    headers={"Content-Type": "application/json"},
+                )
+                urllib.request.urlopen(req, timeout=5)
+            auto = measure(port, a.users, a.seconds)
+    errors = bare.errors + one.errors + two.errors + auto.errors
+    print(f"\nread path, {a.users:,} users x {PER_USER} memberships, 64 connections, wrk")
+    print(f"  bare aiohttp (ceiling)    {bare.rps:>9,.0f} req/s  p99 {bare.p99_ms:6.2f} ms")
+    print(
+        f"  API, 1 worker             {one.rps:>9,.0f} req/s  p99 {one.p99_ms:6.2f} ms"
+        f"  = {one.rps / bare.rps:.2f}x ceiling"
+    )
+    print(
+        f"  API, 2 workers            {two.rps:>9,.0f} req/s  p99 {two.p99_ms:6.2f} ms"
+        f"  = {two.rps / one.rps:.2f}x one worker"
+    )
+    print(
+        f"  API, 1 worker, +20 auto   {auto.rps:>9,.0f} req/s  p99 {auto.p99_ms:6.2f} ms"
+        f"  = {auto.rps / one.rps:.2f}x without"
+    )
+    print(f"  batch reads (1,000 ids)   {lookups:>9,.0f} user lookups/s")
+    print(
+        f"  cache rebuild             {seeded['memberships_per_s']:>9,.0f} memberships/s"
+        f"  ({seeded['rebuild_s']:.2f} s)"
+    )
+    print(f"  Redis memory              {seeded['bytes_per_user']:>9,.0f} bytes/user")
+    print(f"  non-2xx responses         {errors}")
+
+
+if __name__ == "__main__":
+    main()
