@@ -23,7 +23,7 @@ from service.domain.errors import (
     InvalidRequest,
 )
 from service.domain.ports import CpGateway
-from service.domain.rules import USER_ID_MAX, USER_ID_MIN, is_valid_slug
+from service.domain.rules import USER_ID_MAX, USER_ID_MIN, check_text, is_valid_slug
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,8 @@ def check_change(change: AudienceChange, limit: int) -> AudienceChange:
     audience_key(change.key.merchant_id, change.key.segment_type)
     check_ids(change.add, "customer_ids" if change.op != "patch" else "add", limit)
     check_ids(change.remove, "remove", limit)
+    if change.batch_id is not None:
+        check_text(change.batch_id, "batch_id", max_length=200)
     if change.op == "patch":
         both = set(change.add) & set(change.remove)
         if both:

@@ -21,7 +21,7 @@ from service.domain.errors import DomainError, InvalidRequest
 from service.domain.ports import HistorySource
 from service.domain.rules import is_valid_user_id
 
-_PERIOD = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+_PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 CSV_HEADER = ("user_id", "segment", "operation", "timestamp")
 # A cell starting with one of these is a formula to a spreadsheet (OWASP CSV
 # injection); such cells get a leading apostrophe.
@@ -44,6 +44,8 @@ def parse_period(period: str, now: dt.datetime) -> tuple[dt.datetime, dt.datetim
             "period must be a year and month as YYYY-MM, e.g. 2026-07", {"period": period}
         )
     year, month = int(match[1]), int(match[2])
+    if year < 1:
+        raise InvalidRequest("period: the year starts at 0001", {"period": period})
     start = dt.datetime(year, month, 1, tzinfo=dt.UTC)
     if start > now:
         raise InvalidRequest("period is in the future; it has no history yet", {"period": period})

@@ -37,6 +37,14 @@ def is_valid_user_id(user_id: int) -> bool:
     return USER_ID_MIN <= user_id <= USER_ID_MAX
 
 
+def check_text(value: str, field: str, max_length: int = 1000) -> None:
+    """Free text we store: bounded, and without U+0000 (PostgreSQL cannot hold it)."""
+    if len(value) > max_length or "\x00" in value:
+        raise InvalidRequest(
+            f"{field} must be at most {max_length} characters, without NUL", {"field": field}
+        )
+
+
 def percent_to_bp(percent: float) -> int:
     """0..100 with at most two decimals -> basis points 0..10000."""
     bp = round(percent * 100)

@@ -79,6 +79,7 @@ class SegmentService:
             raise InvalidRequest(
                 f"invalid slug; a slug matches {rules.SLUG_PATTERN}", {"slug": slug}
             )
+        rules.check_text(description, "description")
         auto_bp = None if auto_percent is None else rules.percent_to_bp(auto_percent)
         segment = await self._store.create_segment(slug, description, auto_bp)
         await self._publish_registry()
@@ -88,7 +89,7 @@ class SegmentService:
         return await self._store.list_segments()
 
     async def get_segment(self, slug: str) -> Segment:
-        segment = await self._store.get_segment(slug)
+        segment = await self._store.get_segment(slug) if rules.is_valid_slug(slug) else None
         if segment is None:
             raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
         return segment
@@ -105,6 +106,9 @@ class SegmentService:
 
         Buckets are fixed per (segment, user), so raising the share only adds users.
         """
+        _check_segment_exists_by_name(slug)
+        if description is not None:
+            rules.check_text(description, "description")
         auto_bp = None if auto_percent is None else rules.percent_to_bp(auto_percent)
         segment = await self._store.update_segment(
             slug, description=description, auto_bp=auto_bp, set_auto=set_auto
@@ -113,6 +117,7 @@ class SegmentService:
         return segment
 
     async def delete_segment(self, slug: str) -> Segment:
+        _check_segment_exists_by_name(slug)
         segment = await self._store.delete_segment(slug)
         await self._publish_registry()
         return segment
@@ -331,3 +336,9 @@ class SegmentService:
             return await self._cache.is_complete()
         except CacheUnavailable:
             return False
+
+
+def _check_segment_exists_by_name(slug: str) -> None:
+    """A string that is not a valid slug names no segment: answer without a query."""
+    if not rules.is_valid_slug(slug):
+        raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})

@@ -71,11 +71,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPNotFound:
         return error_response("not_found", f"no route for {request.path}")
     except web.HTTPMethodNotAllowed as exc:
-        return error_response(
+        response = error_response(
             "method_not_allowed",
             f"{request.method} is not allowed here",
             {"allowed": sorted(exc.allowed_methods)},
         )
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
     except web.HTTPException:
         raise
     except Exception:

@@ -73,7 +73,8 @@ def user_id_from(request: web.Request, name: str = "user_id") -> int:
         value = int(raw)
     except ValueError:
         value = 0
-    if not USER_ID_MIN <= value <= USER_ID_MAX or not raw.isdigit():
+    # ASCII digits only: int() would also take "١" (Arabic-Indic one) or " 1".
+    if not USER_ID_MIN <= value <= USER_ID_MAX or not (raw.isascii() and raw.isdigit()):
         raise InvalidRequest(
             f"{name} must be an integer in {USER_ID_MIN}..{USER_ID_MAX}", {name: raw}
         )

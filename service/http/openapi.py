@@ -24,83 +24,50 @@ class Operation:
     media: str | None = None
 
 
+# A request body can always be malformed (400), too large (413) or of the wrong type (415).
+_BODY = (400, 413, 415, 422)
+_AUDIENCE = "/v1/merchants/{merchant_id}/segments/{segment_type}"
+_CUSTOMERS = "/internal" + _AUDIENCE + "/customers"
+
+# fmt: off
 OPERATIONS = [
-    Operation(
-        "post",
-        "/v1/segments",
-        "Create a segment",
-        schemas.SegmentCreate,
-        schemas.SegmentOut,
-        201,
-        (409, 415, 422),
-    ),
+    Operation("post", "/v1/segments", "Create a segment",
+              schemas.SegmentCreate, schemas.SegmentOut, 201, (*_BODY, 409)),
     Operation("get", "/v1/segments", "List live segments", None, schemas.SegmentList),
-    Operation(
-        "get", "/v1/segments/{slug}", "Get one segment", None, schemas.SegmentOut, 200, (404,)
-    ),
-    Operation(
-        "patch",
-        "/v1/segments/{slug}",
-        "Change a segment's percentage rule or description",
-        schemas.SegmentUpdate,
-        schemas.SegmentOut,
-        200,
-        (404, 415, 422),
-    ),
+    Operation("get", "/v1/segments/{slug}", "Get one segment",
+              None, schemas.SegmentOut, 200, (404,)),
+    Operation("patch", "/v1/segments/{slug}", "Change a segment's percentage rule or description",
+              schemas.SegmentUpdate, schemas.SegmentOut, 200, (*_BODY, 404)),
     Operation("delete", "/v1/segments/{slug}", "Delete a segment", None, None, 204, (404,)),
-    Operation(
-        "post",
-        "/v1/users/{user_id}/segments",
-        "Add and remove a user's segments atomically",
-        schemas.UserSegmentsUpdate,
-        schemas.UserSegments,
-        200,
-        (404, 413, 415, 422, 503),
-        "users",
-    ),
-    Operation(
-        "get",
-        "/v1/users/{user_id}/segments",
-        "A user's active segments, sorted",
-        None,
-        schemas.UserSegments,
-        200,
-        (422,),
-        "users",
-    ),
-    Operation(
-        "post",
-        "/v1/reports/history",
-        "Get a link to a month of membership history as CSV",
-        schemas.ReportRequest,
-        schemas.ReportLink,
-        201,
-        (415, 422),
-        "reports",
-    ),
-    Operation(
-        "get",
-        "/v1/reports/history/{token}",
-        "The CSV behind a report link: user_id;segment;operation;timestamp",
-        None,
-        None,
-        200,
-        (403, 410),
-        "reports",
-        "text/csv",
-    ),
+    Operation("post", "/v1/users/segments:batch", "Segments of up to 1,000 users in one call",
+              schemas.BatchRead, schemas.BatchSegments, 200, (*_BODY, 503), "users"),
+    Operation("post", "/v1/users/{user_id}/segments",
+              "Add and remove a user's segments atomically",
+              schemas.UserSegmentsUpdate, schemas.UserSegments, 200, (*_BODY, 404, 503), "users"),
+    Operation("get", "/v1/users/{user_id}/segments", "A user's active segments, sorted",
+              None, schemas.UserSegments, 200, (422, 503), "users"),
+    Operation("put", _CUSTOMERS, "Replace a merchant audience (one JSON body, up to 1,000,000 ids)",
+              schemas.CustomersReplace, schemas.AudienceOut, 200, (*_BODY, 503), "audiences"),
+    Operation("patch", _CUSTOMERS, "Add and remove customers of a merchant audience",
+              schemas.CustomersPatch, schemas.AudienceOut, 200, (*_BODY, 503), "audiences"),
+    Operation("get", _AUDIENCE, "Size, version and last update of a merchant audience",
+              None, schemas.AudienceOut, 200, (404, 422), "audiences"),
+    Operation("post", _AUDIENCE + "/sync", "Push an audience to CP for a promo (once per promo_id)",
+              schemas.SyncRequest, schemas.SyncOut, 200, (*_BODY, 404, 409, 502), "audiences"),
+    Operation("get", "/v1/customers/{customer_id}/sync-count",
+              "Active synced segments of a customer",
+              None, schemas.SyncCount, 200, (422,), "audiences"),
+    Operation("post", "/v1/reports/history",
+              "Get a link to a month of membership history as CSV",
+              schemas.ReportRequest, schemas.ReportLink, 201, _BODY, "reports"),
+    Operation("get", "/v1/reports/history/{token}",
+              "The CSV behind a report link: user_id;segment;operation;timestamp",
+              None, None, 200, (403, 410), "reports", "text/csv"),
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
-    Operation(
-        "get",
-        "/readyz",
-        "Readiness: stores reachable and cache complete",
-        None,
-        schemas.Health,
-        200,
-        (503,),
-        "operations",
-    ),
+    Operation("get", "/readyz", "Readiness: stores reachable and cache complete",
+              None, schemas.Health, 200, (503,), "operations"),
 ]
+# fmt: on
 
 _ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
 _PARAMS = {

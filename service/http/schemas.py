@@ -13,6 +13,9 @@ from service.domain.rules import SLUG_PATTERN, TTL_MAX_S, TTL_MIN_S, USER_ID_MAX
 
 MAX_ITEMS = 1000
 
+# Free text is stored in PostgreSQL, which cannot hold U+0000.
+Text = Annotated[str, Meta(max_length=1000, pattern="^[^\\x00]*$")]
+
 Slug = Annotated[
     str,
     Meta(
@@ -37,14 +40,14 @@ class SegmentCreate(Struct, forbid_unknown_fields=True):
         ]
         | None
     ) = None
-    description: Annotated[str, Meta(max_length=1000)] = ""
+    description: Text = ""
 
 
 class SegmentUpdate(Struct, forbid_unknown_fields=True):
     """Fields left out stay as they are; ``auto_percent: null`` drops the rule."""
 
     auto_percent: Annotated[float, Meta(ge=0, le=100)] | msgspec.UnsetType | None = msgspec.UNSET
-    description: Annotated[str, Meta(max_length=1000)] | msgspec.UnsetType = msgspec.UNSET
+    description: Text | msgspec.UnsetType = msgspec.UNSET
 
 
 class SegmentOut(Struct):
@@ -75,7 +78,7 @@ class UserSegments(Struct):
 
 
 class ReportRequest(Struct, forbid_unknown_fields=True):
-    period: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}$", examples=["2026-11"])]
+    period: Annotated[str, Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$", examples=["2026-11"])]
     user_id: UserId | None = None
 
 
