@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -131,8 +131,8 @@ class PipelinedConnection(asyncio.Protocol):
     # -- protocol callbacks ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
+        self._transport = cast(asyncio.Transport, transport)
         if self._closed:  # closed (e.g. connect timed out) while the connection was made
             transport.abort()
 

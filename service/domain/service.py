@@ -63,6 +63,7 @@ class SegmentService:
         self._registry = Registry(version=0)
         self._registry_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[bool] | None = None
+        self._next_rebuild_at = 0.0
         # Other parts of the cache (e.g. sync counters) rebuilt with the same lease and
         # before the same completeness marker.
         self._rebuild_phases: list[Callable[[], Awaitable[None]]] = []
@@ -155,6 +156,8 @@ class SegmentService:
         ):
             try:
                 cached = await self._cache.read_user(user_id, now)
+                if cached is None:
+                    self.start_rebuild()  # Redis answered: the copy is incomplete
             except CacheUnavailable:
                 self._skip_cache_until = time.monotonic() + self._cache_retry_after_s
         if cached is None:
@@ -188,11 +191,11 @@ class SegmentService:
         if time.monotonic() >= self._skip_cache_until and not self._registry_dirty:
             try:
                 cached = await self._cache.read_users(unique, now)
+                if cached is None:
+                    self.start_rebuild()
             except CacheUnavailable:
                 self._skip_cache_until = time.monotonic() + self._cache_retry_after_s
         if cached is None or self._dirty.intersection(unique):
-            if cached is None:
-                self.start_rebuild()
             return await self._read_many_from_store(unique, now)
         self.reads_from_cache += 1
         registry = self._registry
@@ -220,7 +223,6 @@ class SegmentService:
     async def _read_from_store(self, user_id: int, now: float) -> list[str]:
         """Answer from PostgreSQL while the cache is incomplete or unreachable."""
         self.reads_from_store += 1
-        self.start_rebuild()
         async with self._fallback:
             registry = await self._store.registry()
             state = await self._store.user_state(user_id)
@@ -285,9 +287,14 @@ class SegmentService:
         self._rebuild_phases.append(phase)
 
     def start_rebuild(self) -> None:
-        """Start rebuilding the cache in the background, once per process at a time."""
-        if self._rebuild_task is None or self._rebuild_task.done():
-            self._rebuild_task = asyncio.create_task(self.rebuild_cache())
+        """Start rebuilding the cache in the background: one at a time per process,
+        at most one start a second (every read of an incomplete copy asks)."""
+        if self._rebuild_task is not None and not self._rebuild_task.done():
+            return
+        if time.monotonic() < self._next_rebuild_at:
+            return
+        self._next_rebuild_at = time.monotonic() + 1.0
+        self._rebuild_task = asyncio.create_task(self.rebuild_cache())
 
     async def rebuild_cache(self) -> bool:
         """Copy PostgreSQL into Redis, then mark the cache complete.

@@ -204,3 +204,21 @@ async def test_killed_server_fails_fast_and_pool_recovers_after_restart(
     finally:
         pool.close()
         await asyncio.to_thread(valkey.start)  # no-op when running; leaves it up for others
+
+
+def test_works_on_uvloop(valkey: EmbeddedValkey) -> None:
+    """The API workers run on uvloop, whose transports are not asyncio.Transport."""
+    import uvloop
+
+    async def run() -> list[object]:
+        c = await PipelinedConnection.connect(valkey.url, timeout_s=1.0)
+        try:
+            return list(await asyncio.gather(c.execute("SET", "uv", "1"), c.execute("GET", "uv")))
+        finally:
+            c.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(run()) == [b"OK", b"1"]
+    finally:
+        loop.close()
