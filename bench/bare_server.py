@@ -14,6 +14,10 @@ async def handler(request: web.Request) -> web.Response:
 
 
 if __name__ == "__main__":
+    # The same event loop as the API workers (segments serve), for a fair ceiling.
+    import uvloop
+
+    uvloop.install()
     app = web.Application()
     app.router.add_get("/v1/users/{user_id}/segments", handler)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)

@@ -39,9 +39,13 @@ class Registry:
 
     version: int
     segments: dict[int, RegistryEntry] = field(default_factory=dict)
+    # The percentage segments with a non-zero share, computed once: every read of
+    # every user walks them.
+    auto: tuple[tuple[int, str, int], ...] = field(init=False, default=())
 
-    def auto_segments(self) -> list[tuple[int, RegistryEntry]]:
-        return [(sid, e) for sid, e in self.segments.items() if e.auto_bp]
+    def __post_init__(self) -> None:
+        auto = tuple((sid, e.slug, e.auto_bp) for sid, e in self.segments.items() if e.auto_bp)
+        object.__setattr__(self, "auto", auto)
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,10 +130,11 @@ def visible_slugs(
     """
     segments = registry.segments
     slugs = {segments[sid].slug for sid in member_ids if sid in segments}
-    excluded = set(excluded_ids)
-    for sid, entry in registry.auto_segments():
-        if sid not in excluded and bucket(sid, user_id) < (entry.auto_bp or 0):
-            slugs.add(entry.slug)
+    if registry.auto:
+        excluded = set(excluded_ids)
+        for sid, slug, auto_bp in registry.auto:
+            if sid not in excluded and bucket(sid, user_id) < auto_bp:
+                slugs.add(slug)
     return sorted(slugs)
 
 

@@ -22,8 +22,12 @@ T = TypeVar("T")
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
 
+_JSON = "application/json"
+
+
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    # Setting the header directly skips aiohttp's content_type parsing (hot path).
+    return web.Response(body=orjson.dumps(body), status=status, headers={"Content-Type": _JSON})
 
 
 def _iso(value: dt.datetime) -> str:
