@@ -7,6 +7,7 @@ restarted Redis is noticed on the very next read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -264,6 +265,23 @@ class RedisCache:
                 state = states[0]
                 await self._write_user(keys=[keys.user(state.user_id)], args=_user_args(state, now))
                 return
+            if self._fast is not None:
+                # Bulk writes (rebuild, repairs) through the pipelined connection: its
+                # packing is ~3x cheaper per command than a redis-py pipeline.
+                # In slices, so that no reply waits behind so many others that it
+                # outlasts the read timeout, and reads are not held up for long.
+                sha = self._write_user.sha
+                try:
+                    for i in range(0, len(states), 500):
+                        await asyncio.gather(
+                            *(
+                                self._fast.evalsha(sha, [keys.user(s.user_id)], _user_args(s, now))
+                                for s in states[i : i + 500]
+                            )
+                        )
+                    return
+                except redis_errors.NoScriptError:
+                    await self._r.script_load(_WRITE_USER)
             async with self._r.pipeline(transaction=False) as pipe:
                 for state in states:
                     await self._write_user(

@@ -45,7 +45,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # cold cache cannot exhaust the database pool.
     fallback_concurrency: int = 16
     # Size of the user batches written to Redis while rebuilding the cache.
-    rebuild_batch: int = 5000
+    rebuild_batch: int = 10000
 
     # History reports.  Every API process must share the secret: links are signed with
     # it.  Empty: a random per-process secret (fine for one process; `segments dev`

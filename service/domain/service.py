@@ -311,16 +311,22 @@ class SegmentService:
             await self._cache.write_registry(await self._store.registry())
             users = 0
             next_progress = started + 5
+            # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
+            writing: asyncio.Task[None] | None = None
             async for batch in self._store.user_states(self._rebuild_batch):
+                if writing is not None:
+                    await writing
                 if not await self._cache.renew_rebuild(generation, self._rebuild_lease_s):
                     log.warning("cache rebuild lost its lease; another process continues")
                     return False
-                await self._cache.write_users(batch)
+                writing = asyncio.create_task(self._cache.write_users(batch))
                 users += len(batch)
                 if time.monotonic() >= next_progress:
                     elapsed = time.monotonic() - started
                     log.info("cache rebuild: %d users so far (%.0f/s)", users, users / elapsed)
                     next_progress += 5
+            if writing is not None:
+                await writing
             for phase in self._rebuild_phases:
                 await phase()
             done = await self._cache.finish_rebuild(generation)
