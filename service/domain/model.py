@@ -39,12 +39,14 @@ class Registry:
 
     version: int
     segments: dict[int, RegistryEntry] = field(default_factory=dict)
-    # The percentage segments with a non-zero share, computed once: every read of
-    # every user walks them.
-    auto: tuple[tuple[int, str, int], ...] = field(init=False, default=())
+    # The percentage segments with a non-zero share as (id, "id:" hash prefix, slug,
+    # basis points), computed once: every read of every user walks them.
+    auto: tuple[tuple[int, str, str, int], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        auto = tuple((sid, e.slug, e.auto_bp) for sid, e in self.segments.items() if e.auto_bp)
+        auto = tuple(
+            (sid, f"{sid}:", e.slug, e.auto_bp) for sid, e in self.segments.items() if e.auto_bp
+        )
         object.__setattr__(self, "auto", auto)
 
 

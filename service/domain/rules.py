@@ -131,9 +131,13 @@ def visible_slugs(
     segments = registry.segments
     slugs = {segments[sid].slug for sid in member_ids if sid in segments}
     if registry.auto:
+        # bucket() inlined, with the "{segment_id}:" prefix precomputed: with 20
+        # percentage segments this loop was 13% of a read (bench/read_path.py).
         excluded = set(excluded_ids)
-        for sid, slug, auto_bp in registry.auto:
-            if sid not in excluded and bucket(sid, user_id) < auto_bp:
+        uid = str(user_id)
+        hash32 = mmh3.hash
+        for sid, prefix, slug, auto_bp in registry.auto:
+            if sid not in excluded and hash32(prefix + uid, 0, False) % BUCKETS < auto_bp:
                 slugs.add(slug)
     return sorted(slugs)
 

@@ -76,3 +76,12 @@ def test_visible_slugs_percentage_rule_and_exclusion() -> None:
     reg = Registry(1, {1: RegistryEntry("ALL", 10_000), 2: RegistryEntry("NONE", 0)})
     assert rules.visible_slugs(reg, 10, []) == ["ALL"]
     assert rules.visible_slugs(reg, 10, [], excluded_ids=[1]) == []
+
+
+def test_inlined_rule_in_visible_slugs_equals_bucket() -> None:
+    reg = Registry(1, {7: RegistryEntry("P", 3333), 8: RegistryEntry("Q", 5000)})
+    for uid in range(1, 3000):
+        expected = [
+            s for sid, s in ((7, "P"), (8, "Q")) if rules.bucket(sid, uid) < {7: 3333, 8: 5000}[sid]
+        ]
+        assert rules.visible_slugs(reg, uid, []) == expected
