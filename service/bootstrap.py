@@ -6,6 +6,7 @@ connects at import time; ``build`` does, when a process starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http import schemas
 from service.http.app import Probes, create_app
+from service.observability import CP_CALLS, READS, SYNCS, CounterBridge
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,18 @@ async def make_app(settings: Settings) -> web.Application:
         settings=settings,
     )
 
+    bridge = CounterBridge()
+    segments = container.segments
+    bridge.add(
+        lambda: {"redis": segments.reads_from_cache, "postgres": segments.reads_from_store},
+        lambda name, n: READS.labels(name).inc(n),
+    )
+    bridge.add(lambda: dict(container.cp.calls), lambda name, n: CP_CALLS.labels(name).inc(n))
+    bridge.add(lambda: dict(container.audiences.syncs), lambda name, n: SYNCS.labels(name).inc(n))
+    bridge_task = asyncio.create_task(bridge.run())
+
     async def close(_: web.Application) -> None:
+        bridge_task.cancel()
         await container.close()
 
     app.on_cleanup.append(close)

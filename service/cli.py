@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,12 +24,11 @@ from service.settings import ENV_PREFIX, Settings, load_settings
 log = logging.getLogger("segments")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(settings: Settings) -> None:
+    from service.observability import setup_logging
+
+    mode = {"true": True, "false": False}.get(settings.log_json.lower())
+    setup_logging(settings.log_level, mode)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -54,6 +54,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         port=port,
         access_log=None,
         print=None,
+        keepalive_timeout=settings.http_keepalive_timeout_s,
         # Several worker processes share the port; the kernel spreads connections.
         reuse_port=args.reuse_port,
     )
@@ -69,7 +70,12 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
         sys.executable, "-m", "service.cli", "serve",
         "--host", host, "--port", str(port), "--workers", "1", "--reuse-port",
     ]  # fmt: skip
-    children = [subprocess.Popen(command) for _ in range(workers)]
+    # Workers add up their metrics through one directory (prometheus-client's
+    # multiprocess mode); /metrics on any worker reports all of them.
+    env = dict(os.environ)
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segments-metrics-")
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     stopping = False
 
     def stop(*_: object) -> None:
@@ -85,7 +91,7 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
                     log.warning(
                         "worker %d exited with %s; starting another", child.pid, child.returncode
                     )
-                    children[i] = subprocess.Popen(command)
+                    children[i] = subprocess.Popen(command, env=env)
             time.sleep(0.5)
     finally:
         for child in children:
@@ -128,6 +134,8 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from service import reconciler
     from service.bootstrap import build
 
+    _serve_metrics(settings)
+
     async def main(stop: asyncio.Event) -> None:
         container = await build(settings)
         try:
@@ -137,6 +145,14 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     _run_until_signalled(main)
     return 0
+
+
+def _serve_metrics(settings: Settings) -> None:
+    """A Prometheus endpoint for the processes that do not serve HTTP themselves."""
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.http_host)
 
 
 def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -160,6 +176,8 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.kafka_bootstrap:
         log.error("%sKAFKA_BOOTSTRAP is not set", ENV_PREFIX)
         return 2
+
+    _serve_metrics(settings)
 
     async def main(stop: asyncio.Event) -> None:
         container = await build(settings)
@@ -353,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"segments: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     func, _ = COMMANDS[args.command]
     return func(settings, args)
 

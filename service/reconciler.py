@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from service.bootstrap import Container
 from service.domain.errors import CacheUnavailable, StorageUnavailable
+from service.observability import DIVERGENCE_FOUND, DIVERGENCE_REPAIRED, SYNC_AGE
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ async def run(container: Container, stop: asyncio.Event) -> None:
     async def scan() -> None:
         if await container.cache.is_complete():
             result = await reconciler.scan()
+            fresh = await container.cache.freshness()
+            DIVERGENCE_FOUND.set(fresh.get("divergence_found", 0))
+            DIVERGENCE_REPAIRED.set(fresh.get("divergence_repaired", 0))
+            SYNC_AGE.set(0)
             log.info(
                 "scan: %d users, %d behind, %d repaired",
                 result.users,

@@ -84,6 +84,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cp_max_attempts: int = 4
     sync_threshold: int = 5
 
+    # Auth between services: JSON {"caller": {"token": "...", "scopes": [...]}} with
+    # scopes among read, write, internal, sync, reports.  Empty: no auth (dev only;
+    # `segments dev` generates tokens and prints them).  auth_open_reads lets reads
+    # through without a token (for trusted networks).
+    auth_tokens: str = ""
+    auth_open_reads: bool = False
+    # Requests per second per caller (0: no limit); burst defaults to 2 s worth.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: float = 0.0
+    # Idle keep-alive connections are closed after this long, so slow or idle
+    # clients cannot hold a worker's connections.
+    http_keepalive_timeout_s: float = 15.0
+    # Port of the Prometheus endpoint of the consumer and reconciler processes (the
+    # API serves /metrics itself); 0: none.
+    metrics_port: int = 0
+    # Log lines as JSON (true), text (false), or JSON unless stderr is a terminal.
+    log_json: str = "auto"
+
     # Local data for `segments dev` (embedded servers).
     data_dir: str = "var"
 

@@ -251,6 +251,8 @@ class AudienceService:
         self._threshold = threshold
         self._max_ids = max_ids
         self._clock = clock
+        # Outcomes of sync calls, for metrics.
+        self.syncs = {"done": 0, "repeated": 0, "failed": 0}
 
     async def apply(self, change: AudienceChange) -> AudienceInfo | None:
         return await self._store.apply(check_change(change, self._max_ids))
@@ -292,6 +294,7 @@ class AudienceService:
                 )
             if record is not None and record.status == "done":
                 assert record.cp_segment_id is not None
+                self.syncs["repeated"] += 1
                 return SyncResult(promo_id, record.synced, record.skipped, record.cp_segment_id)
             if record is None:
                 if await self._store.get(key) is None:
@@ -307,8 +310,10 @@ class AudienceService:
                 await self._cp.add_members(cp_segment_id, members, f"mss-promo-{promo_id}")
             except (CpUnavailable, CpRejected) as exc:
                 await session.fail(exc.message)
+                self.syncs["failed"] += 1
                 raise
             done = await session.complete(cp_segment_id)
+            self.syncs["done"] += 1
         try:
             await self._counters.add_synced(members, promo_id, end_of_day(end_date).timestamp())
         except CacheUnavailable:

@@ -18,7 +18,15 @@ from service.domain.service import SegmentService
 from service.http.audience_handlers import AudienceHandlers
 from service.http.errors import error_middleware
 from service.http.handlers import Handlers
+from service.http.middleware import Auth, RateLimit, observe, parse_tokens
 from service.http.openapi import build_openapi
+from service.observability import (
+    CACHE_COMPLETE,
+    DIVERGENCE_FOUND,
+    DIVERGENCE_REPAIRED,
+    SYNC_AGE,
+    metrics_text,
+)
 from service.settings import Settings
 
 SWAGGER_STATIC = Path(swagger_ui.__file__).parent / "static"
@@ -49,6 +57,19 @@ class Probes:
         self._store_ping = store_ping
         self._cache_ping = cache_ping
         self._freshness = freshness
+
+    async def refresh_gauges(self) -> None:
+        """Cache state for /metrics, read from the meta hash at scrape time."""
+        complete = await self._svc.cache_complete()
+        CACHE_COMPLETE.set(1 if complete else 0)
+        if self._freshness is None:
+            return
+        with contextlib.suppress(CacheUnavailable):
+            fresh = await self._freshness()
+            if "synchronized_on" in fresh:
+                SYNC_AGE.set(time.time() - fresh["synchronized_on"])
+            DIVERGENCE_FOUND.set(fresh.get("divergence_found", 0))
+            DIVERGENCE_REPAIRED.set(fresh.get("divergence_repaired", 0))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -92,7 +113,14 @@ def create_app(
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that our handlers give the JSON 413.
     limit = max(settings.max_body_bytes, settings.max_audience_body_bytes)
-    app = web.Application(middlewares=[error_middleware], client_max_size=limit * 2)
+    middlewares = [observe, error_middleware]
+    callers = parse_tokens(settings.auth_tokens)
+    if callers:
+        middlewares.append(Auth(callers, settings.auth_open_reads).middleware)
+    if settings.rate_limit_per_s > 0:
+        burst = settings.rate_limit_burst or 2 * settings.rate_limit_per_s
+        middlewares.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=limit * 2)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     a = AudienceHandlers(audiences, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
@@ -100,6 +128,11 @@ def create_app(
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=openapi, content_type="application/json")
+
+    async def metrics(request: web.Request) -> web.Response:
+        await probes.refresh_gauges()
+        body, content_type = metrics_text()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def docs(request: web.Request) -> web.Response:
         return web.Response(text=DOCS_PAGE, content_type="text/html")
@@ -126,6 +159,7 @@ def create_app(
             web.get("/v1/reports/history/{token}", h.download_report),
             web.get("/healthz", probes.healthz),
             web.get("/readyz", probes.readyz),
+            web.get("/metrics", metrics),
             web.get("/openapi.json", openapi_json),
             web.get("/docs", docs),
             web.get("/docs/init.js", docs_init),

@@ -64,6 +64,8 @@ OPERATIONS = [
               "The CSV behind a report link: user_id;segment;operation;timestamp",
               None, None, 200, (403, 410), "reports", "text/csv"),
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
+    Operation("get", "/metrics", "Prometheus metrics (text exposition format)",
+              None, None, 200, (), "operations", "text/plain"),
     Operation("get", "/readyz", "Readiness: stores reachable and cache complete",
               None, schemas.Health, 200, (503,), "operations"),
 ]

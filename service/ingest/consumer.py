@@ -20,6 +20,7 @@ from aiokafka.structs import ConsumerRecord
 
 from service.domain.audiences import AudienceChange, AudienceService
 from service.ingest.messages import InvalidMessage, decode
+from service.observability import KAFKA_APPLIED, KAFKA_DLQ, KAFKA_LAG
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,15 @@ class AudienceConsumer:
                     changes: list[tuple[int, AudienceChange | None]] = []
                     for m in messages:
                         changes.append((m.offset, await self._decode(producer, m)))
-                    self.applied += await self._audiences.apply_kafka(
-                        tp.topic, tp.partition, changes
-                    )
+                    applied = await self._audiences.apply_kafka(tp.topic, tp.partition, changes)
+                    self.applied += applied
+                    KAFKA_APPLIED.inc(applied)
                     await consumer.commit({tp: messages[-1].offset + 1})
+                for tp in consumer.assignment():
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None:
+                        lag = highwater - await consumer.position(tp)
+                        KAFKA_LAG.labels(str(tp.partition)).set(max(0, lag))
                 if time.monotonic() >= next_stale_check:
                     await self._audiences.discard_stale_snapshots(s.snapshot_part_ttl_s)
                     next_stale_check = time.monotonic() + STALE_CHECK_S
@@ -109,4 +115,5 @@ class AudienceConsumer:
                 ],
             )
             self.dead_lettered += 1
+            KAFKA_DLQ.inc()
             return None

@@ -173,6 +173,7 @@ AUDIENCE = {"merchant_id": 7, "segment_type": "LOYAL"}
 SUCCESS_STEPS: list[tuple[str, str, dict[str, Any], Any, int]] = [
     ("get", "/healthz", {}, None, 200),
     ("get", "/readyz", {}, None, 200),
+    ("get", "/metrics", {}, None, 200),
     (
         "post",
         "/v1/segments",

@@ -1,0 +1,194 @@
+"""Request middleware: request ids, access logs and metrics; bearer-token auth with
+scopes; per-caller rate limits.  Errors leave as the usual JSON error body."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import msgspec
+from aiohttp import web
+
+from service.http.errors import error_response
+from service.observability import LATENCY, REQUESTS
+
+log = logging.getLogger("segments.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Routes anyone may call: probes, metrics and the API description.
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+
+CALLER = web.RequestKey("caller", str)
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None or info.route.resource is None:
+        return "unmatched"
+    return info.route.resource.canonical
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    # Accept a caller's id if it is sane; never echo arbitrary bytes into logs.
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id (taken from X-Request-Id or made), one access-log line, metrics."""
+    request_id = _request_id(request)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        exc.headers["X-Request-Id"] = request_id
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        route = _route(request)
+        REQUESTS.labels(request.method, route, str(status)).inc()
+        LATENCY.labels(request.method, route).observe(elapsed)
+        # Ids in paths are the only personal data here; bodies are never logged.
+        log.info(
+            "%s %s %d %.1fms",
+            request.method,
+            route,
+            status,
+            elapsed * 1000,
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "route": route,
+                "path": request.path,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+                "caller": request.get(CALLER, None),
+            },
+        )
+
+
+class Caller(msgspec.Struct, frozen=True):
+    token: str
+    scopes: frozenset[str]
+
+
+SCOPES = frozenset({"read", "write", "internal", "sync", "reports"})
+
+
+def parse_tokens(raw: str) -> dict[str, Caller]:
+    """``SEGMENTS_AUTH_TOKENS``: JSON ``{"caller": {"token": "...", "scopes": [...]}}``."""
+    if not raw:
+        return {}
+    callers = msgspec.json.decode(raw, type=dict[str, Caller])
+    for name, caller in callers.items():
+        unknown = caller.scopes - SCOPES
+        if unknown or len(caller.token) < 16:
+            raise ValueError(
+                f"caller {name!r}: scopes must be among {sorted(SCOPES)} and tokens at least "
+                "16 characters"
+            )
+    return callers
+
+
+def required_scope(request: web.Request) -> str | None:
+    """The scope a route needs; None for the open ones."""
+    path, method = request.path, request.method
+    if path.startswith(OPEN_PATHS):
+        return None
+    if path.startswith("/internal/"):
+        return "internal"
+    if path.startswith("/v1/reports/"):
+        return "reports"
+    if path.endswith("/sync") and method == "POST":
+        return "sync"
+    if method in ("GET", "HEAD") or path == "/v1/users/segments:batch":
+        return "read"
+    return "write"
+
+
+@dataclass
+class Auth:
+    callers: Mapping[str, Caller]
+    open_reads: bool = False
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        scope = required_scope(request)
+        if scope is None or (scope == "read" and self.open_reads):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else ""
+        caller = self._identify(token) if token else None
+        if caller is None:
+            response = error_response(
+                "unauthorized", "send a valid token as Authorization: Bearer <token>", status=401
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="user-segments"'
+            return response
+        name, scopes = caller
+        if scope not in scopes:
+            return error_response(
+                "forbidden",
+                f"caller {name!r} lacks the {scope!r} scope for this route",
+                {"required_scope": scope},
+                status=403,
+            )
+        request[CALLER] = name
+        return await handler(request)
+
+    def _identify(self, token: str) -> tuple[str, frozenset[str]] | None:
+        found = None
+        # Compare against every token, in constant time each, so timing tells nothing.
+        for name, caller in self.callers.items():
+            if hmac.compare_digest(caller.token.encode(), token.encode()):
+                found = (name, caller.scopes)
+        return found
+
+
+@dataclass
+class RateLimit:
+    """A token bucket per caller (or per client address when auth is off)."""
+
+    per_s: float
+    burst: float
+
+    def __post_init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(OPEN_PATHS):
+            return await handler(request)
+        key = request.get(CALLER) or request.remote or "?"
+        now = time.monotonic()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.per_s)
+        if tokens < 1:
+            retry_after = math.ceil((1 - tokens) / self.per_s)
+            self._buckets[key] = (tokens, now)
+            response = error_response(
+                "rate_limited",
+                f"more than {self.per_s:g} requests/s; retry after {retry_after} s",
+                {"retry_after_s": retry_after},
+                status=429,
+            )
+            response.headers["Retry-After"] = str(retry_after)
+            return response
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:  # forget idle callers rather than grow forever
+            self._buckets.clear()
+        return await handler(request)

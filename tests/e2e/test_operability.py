@@ -1,0 +1,167 @@
+"""Auth with scopes, rate limits, request ids, JSON access logs and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from service.bootstrap import Container
+from service.http.app import Probes, create_app
+from service.http.middleware import parse_tokens
+from service.observability import JsonFormatter
+
+TOKENS = {
+    "analytics": {"token": "a" * 32, "scopes": ["read", "write", "reports"]},
+    "reader": {"token": "r" * 32, "scopes": ["read"]},
+    "mps": {"token": "m" * 32, "scopes": ["sync"]},
+}
+
+
+async def _server(container: Container, **overrides: object) -> TestServer:
+    settings = msgspec.structs.replace(container.settings, **overrides)
+    app = create_app(
+        segments=container.segments,
+        reports=container.reports,
+        audiences=container.audiences,
+        probes=Probes(container.segments, container.store.ping, container.cache.ping),
+        settings=settings,
+    )
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def secured(clean: Container) -> AsyncIterator[aiohttp.ClientSession]:
+    server = await _server(clean, auth_tokens=orjson.dumps(TOKENS).decode())
+    async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as session:
+        yield session
+    await server.close()
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[name]['token']}"}
+
+
+async def test_tokens_and_scopes(secured: aiohttp.ClientSession) -> None:
+    async with secured.get("/v1/users/1/segments") as r:
+        assert r.status == 401
+        assert (await r.json())["error"]["code"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    async with secured.get("/v1/users/1/segments", headers={"Authorization": "Bearer nope"}) as r:
+        assert r.status == 401
+    async with secured.get("/v1/users/1/segments", headers=bearer("reader")) as r:
+        assert r.status == 200
+    async with secured.post("/v1/segments", json={"slug": "A"}, headers=bearer("reader")) as r:
+        assert r.status == 403
+        body = await r.json()
+        assert body["error"]["code"] == "forbidden"
+        assert body["error"]["details"] == {"required_scope": "write"}
+    async with secured.post("/v1/segments", json={"slug": "A"}, headers=bearer("analytics")) as r:
+        assert r.status == 201
+    async with secured.put(
+        "/internal/v1/merchants/1/segments/X/customers",
+        json={"customer_ids": [1]},
+        headers=bearer("analytics"),
+    ) as r:
+        assert r.status == 403  # internal needs the internal scope
+    async with secured.post(
+        "/v1/merchants/1/segments/X/sync",
+        json={"promo_id": "P", "end_date": "2099-01-01"},
+        headers=bearer("mps"),
+    ) as r:
+        assert r.status == 404  # authorised; there is no such audience
+    for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        async with secured.get(open_path) as r:
+            assert r.status == 200, open_path
+
+
+async def test_open_reads(clean: Container) -> None:
+    server = await _server(clean, auth_tokens=orjson.dumps(TOKENS).decode(), auth_open_reads=True)
+    async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as s:
+        async with s.get("/v1/users/1/segments") as r:
+            assert r.status == 200
+        async with s.post("/v1/segments", json={"slug": "A"}) as r:
+            assert r.status == 401
+    await server.close()
+
+
+def test_bad_token_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        parse_tokens('{"x": {"token": "short", "scopes": ["read"]}}')
+    with pytest.raises(ValueError):
+        parse_tokens('{"x": {"token": "' + "t" * 20 + '", "scopes": ["admin"]}}')
+
+
+async def test_rate_limit(clean: Container) -> None:
+    server = await _server(clean, rate_limit_per_s=5.0, rate_limit_burst=5.0)
+    statuses = []
+    async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as s:
+        for _ in range(8):
+            async with s.get("/v1/users/1/segments") as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert int(r.headers["Retry-After"]) >= 1
+                    assert (await r.json())["error"]["code"] == "rate_limited"
+        async with s.get("/healthz") as r:
+            assert r.status == 200  # probes are never limited
+    await server.close()
+    assert statuses[:5] == [200] * 5
+    assert 429 in statuses[5:]
+
+
+async def test_request_id_and_json_access_log(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="segments.access"):
+        async with http.get("/v1/users/42/segments", headers={"X-Request-Id": "req-123"}) as r:
+            assert r.headers["X-Request-Id"] == "req-123"
+        async with http.get("/v1/users/42/segments") as r:
+            generated = r.headers["X-Request-Id"]
+            assert len(generated) == 32
+    records = [rec for rec in caplog.records if rec.name == "segments.access"]
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["request_id"] == "req-123"
+    assert line["route"] == "/v1/users/{user_id}/segments"
+    assert line["status"] == 200 and line["level"] == "info"
+    assert "duration_ms" in line
+    assert records[1].request_id == generated  # type: ignore[attr-defined]
+
+
+async def test_metrics_exposition(http: aiohttp.ClientSession) -> None:
+    async with http.get("/v1/users/7/segments") as r:
+        assert r.status == 200
+    async with http.get("/metrics") as r:
+        text = await r.text()
+        assert r.headers["Content-Type"].startswith("text/plain")
+    assert (
+        'segments_http_requests_total{method="GET",route="/v1/users/{user_id}/segments",status="200"}'
+        in text
+    )
+    assert "segments_http_request_seconds_bucket" in text
+    assert "segments_cache_complete 1.0" in text
+
+
+def test_counter_bridge_copies_increments_once() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from service.observability import CounterBridge
+
+    registry = CollectorRegistry()
+    reads = Counter("t_reads_total", "t", ["source"], registry=registry)
+    source = {"redis": 3, "postgres": 1}
+    bridge = CounterBridge()
+    bridge.add(lambda: dict(source), lambda name, n: reads.labels(name).inc(n))
+    bridge.sync()
+    source["redis"] = 10
+    bridge.sync()
+    bridge.sync()
+    assert registry.get_sample_value("t_reads_total", {"source": "redis"}) == 10
+    assert registry.get_sample_value("t_reads_total", {"source": "postgres"}) == 1
