@@ -7,7 +7,8 @@ of the service's code.
         --host http://127.0.0.1:8080
 
 Settings (environment): LOAD_USERS (id space, default 100000), LOAD_SEGMENTS (how many
-LOAD_* segments to create and use, default 20).
+LOAD_* segments to create and use, default 20), TOKEN (a bearer token with the read and
+write scopes: `make run` prints one).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 from locust import FastHttpUser, between, events, task
 
 USERS = int(os.environ.get("LOAD_USERS", "100000"))
+HEADERS = {"Authorization": f"Bearer {os.environ['TOKEN']}"} if os.environ.get("TOKEN") else {}
 SEGMENTS = [f"LOAD_{i}" for i in range(int(os.environ.get("LOAD_SEGMENTS", "20")))]
 
 
@@ -35,7 +37,7 @@ def create_segments(environment, **_: object) -> None:  # type: ignore[no-untype
         req = urllib.request.Request(
             f"{environment.host}/v1/segments",
             data=f'{{"slug": "{slug}"}}'.encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **HEADERS},
         )
         try:
             urllib.request.urlopen(req, timeout=5)
@@ -46,6 +48,7 @@ def create_segments(environment, **_: object) -> None:  # type: ignore[no-untype
 
 class SegmentsUser(FastHttpUser):
     wait_time = between(0, 0.01)
+    default_headers = HEADERS
 
     @task(95)
     def read(self) -> None:

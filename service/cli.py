@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -223,6 +224,26 @@ def cmd_cp_emulator(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_tokens(data: Path) -> dict[str, dict[str, object]]:
+    """Tokens for `segments dev`, made once and kept with the dev data."""
+    path = data / "dev-tokens.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    roles = {
+        "dev": ["read", "write", "internal", "sync", "reports"],
+        "analytics": ["read", "write", "reports"],
+        "dataeng": ["internal"],
+        "mps": ["sync", "read"],
+    }
+    tokens: dict[str, dict[str, object]] = {
+        name: {"token": secrets.token_urlsafe(24), "scopes": scopes}
+        for name, scopes in roles.items()
+    }
+    path.write_text(json.dumps(tokens, indent=2))
+    path.chmod(0o600)
+    return tokens
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Start the embedded stack (where no URL is configured), migrate, and run the API."""
     from service.devstack import EmbeddedBroker, EmbeddedPostgres, EmbeddedValkey, free_port
@@ -262,6 +283,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 env[ENV_PREFIX + "KAFKA_BOOTSTRAP"] = server.url
         # Every process signs and checks report links with the same secret.
         env.setdefault(ENV_PREFIX + "REPORT_SECRET", secrets.token_hex(32))
+        tokens = _dev_tokens(data)
+        env.setdefault(ENV_PREFIX + "AUTH_TOKENS", json.dumps(tokens))
+        env.setdefault(ENV_PREFIX + "AUTH_OPEN_READS", "true")
         commands = [["serve"], ["reconcile"], ["consume"]]
         if not settings.cp_url:
             # CP is an external system: in dev, its emulator stands in for it.
@@ -288,6 +312,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             f"  {ENV_PREFIX}REDIS_URL={final.redis_url}\n"
             f"  {ENV_PREFIX}KAFKA_BOOTSTRAP={final.kafka_bootstrap}\n"
             f"  {ENV_PREFIX}CP_URL={final.cp_url}\n"
+            "Dev tokens (reads are open; writes need one; kept in var/dev-tokens.json):\n"
+            + "".join(
+                f"  {name:<10} {t['token']}  scopes: {', '.join(t['scopes'])}\n"
+                for name, t in tokens.items()
+            )
+            + f"  export TOKEN={tokens['dev']['token']}   # all scopes, for curl\n"
             "Try: .venv/bin/segments produce-sample   (then GET /v1/merchants/42/segments/LOYAL)\n"
             "Press Ctrl-C to stop everything.\n",
             flush=True,
