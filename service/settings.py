@@ -126,3 +126,67 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid setting: {exc}") from exc
+
+
+# What each setting does: docs/operations.md's configuration table is generated from
+# this (`python -m service.settings`), and a test keeps the two in step.
+DOCS: dict[str, str] = {
+    "database_url": "PostgreSQL, `postgresql://user:pass@host:port/db` (embedded: `make run`)",
+    "redis_url": "Redis/Valkey URL, `redis://host:port/0` (embedded under `make run`)",
+    "kafka_bootstrap": "Kafka bootstrap servers, `host:port` (embedded under `make run`)",
+    "http_host": "API listen address",
+    "http_port": "API listen port",
+    "http_workers": "API worker processes sharing the port (SO_REUSEPORT)",
+    "http_uvloop": "run the API on uvloop",
+    "max_body_bytes": "request body limit (except the internal audience endpoint)",
+    "max_list_length": "items per `add` / `remove` list, ids per batch read",
+    "db_pool_min": "asyncpg pool: minimum connections per process",
+    "db_pool_max": "asyncpg pool: maximum connections per process",
+    "db_command_timeout_s": "per-statement timeout",
+    "redis_timeout_s": "Redis connect/read timeout; past it reads fall back to PostgreSQL",
+    "redis_pool_size": "redis-py connections per process (writes, rebuilds, scripts)",
+    "redis_pipelined_reads": "hot reads through one auto-pipelined connection",
+    "fallback_concurrency": "reads answered from PostgreSQL at once while the cache is incomplete",
+    "rebuild_batch": "users per batch when rebuilding the cache",
+    "report_secret": "key signing report links; the same on every API process",
+    "report_link_ttl_s": "how long a report link works",
+    "public_base_url": "base of report links (default: the request's scheme and host)",
+    "sweep_interval_s": "reconciler round: outbox drain and expiry sweep",
+    "sweep_batch": "users per expiry-sweep transaction",
+    "scan_interval_s": "full version scan of Redis against PostgreSQL",
+    "sync_retry_interval_s": "retry of failed or unfinished promo syncs",
+    "cache_retry_after_s": "after Redis fails, reads skip it for this long",
+    "max_audience_body_bytes": "body limit of the internal audience endpoint",
+    "kafka_topic": "topic of merchant audiences",
+    "kafka_dlq_topic": "dead-letter topic",
+    "kafka_group": "consumer group",
+    "kafka_max_batch": "messages per partition batch (one transaction)",
+    "snapshot_part_ttl_s": "an incomplete multi-part snapshot is dropped after this long",
+    "cp_url": "base URL of CP (the emulator under `make run`)",
+    "cp_timeout_s": "per-call timeout to CP",
+    "cp_max_attempts": "attempts per CP call (jittered backoff between)",
+    "sync_threshold": "customers with this many active synced segments are skipped",
+    "auth_tokens": "JSON `{caller: {token, scopes}}`; empty disables auth (dev only)",
+    "auth_open_reads": "let read routes through without a token",
+    "rate_limit_per_s": "requests per second per caller (0: no limit)",
+    "rate_limit_burst": "bucket size (default: 2 s worth)",
+    "http_keepalive_timeout_s": "idle keep-alive connections are closed after this long",
+    "metrics_port": "Prometheus port of `consume` and `reconcile` (0: none)",
+    "log_json": "`true` JSON lines, `false` text, `auto` JSON unless a terminal",
+    "data_dir": "where `make run` keeps the embedded servers' data",
+    "log_level": "DEBUG, INFO, WARNING, ERROR",
+}
+
+
+def markdown_table() -> str:
+    defaults = Settings()
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name in Settings.__struct_fields__:
+        default = getattr(defaults, name)
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {DOCS[name]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
