@@ -25,6 +25,7 @@ STATUS_BY_CODE = {
     "cp_rejected": 502,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "unauthorized": 401,

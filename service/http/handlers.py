@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any, TypeVar
 
@@ -18,6 +19,8 @@ from service.http import schemas
 from service.http.errors import ApiError
 
 T = TypeVar("T")
+
+BODY_READ_TIMEOUT_S = 30.0
 
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
@@ -55,7 +58,14 @@ async def decode(request: web.Request, kind: type[T], max_bytes: int) -> T:
         raise ApiError(
             "payload_too_large", f"the body is limited to {max_bytes} bytes", {"limit": max_bytes}
         )
-    raw = await request.read()
+    try:
+        # A client that trickles its body must not hold the worker for long.
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            "request_timeout", f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s"
+        ) from None
     if len(raw) > max_bytes:
         raise ApiError(
             "payload_too_large", f"the body is limited to {max_bytes} bytes", {"limit": max_bytes}

@@ -114,3 +114,23 @@ async def test_probes(http: aiohttp.ClientSession) -> None:
             "redis": True,
             "cache_complete": True,
         }
+
+
+async def test_slow_body_times_out(
+    http: aiohttp.ClientSession, server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from service.http import handlers
+
+    monkeypatch.setattr(handlers, "BODY_READ_TIMEOUT_S", 0.5)
+    url = server.make_url("")  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(
+        b"POST /v1/segments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"slug":'
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert b" 408 " in status_line
