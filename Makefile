@@ -28,6 +28,8 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/bandit -q -r service cache persistence -c pyproject.toml
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

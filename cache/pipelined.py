@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -110,7 +111,8 @@ class PipelinedConnection(asyncio.Protocol):
             fut.set_exception(rexc.ConnectionError("connection closed"))
             return fut
         try:
-            cmd = hiredis.pack_command(args)
+            # hiredis's stub says Tuple[X] (a 1-tuple) where it means tuple[X, ...].
+            cmd = hiredis.pack_command(args)  # type: ignore[arg-type]
         except TypeError as exc:  # e.g. None or a list: what redis-py calls a DataError
             raise rexc.DataError(str(exc)) from exc
         if not self._out:  # first command of this loop iteration: flush once it ends
@@ -122,7 +124,7 @@ class PipelinedConnection(asyncio.Protocol):
             self._arm(deadline)
         return fut
 
-    def evalsha(self, sha: str, keys: list[Arg], args: list[Arg]) -> asyncio.Future[Any]:
+    def evalsha(self, sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
         return self.execute("EVALSHA", sha, len(keys), *keys, *args)
 
     def close(self) -> None:
@@ -134,7 +136,7 @@ class PipelinedConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
         self._transport = cast(asyncio.Transport, transport)
         if self._closed:  # closed (e.g. connect timed out) while the connection was made
-            transport.abort()
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         reader, pending = self._reader, self._pending
@@ -236,7 +238,7 @@ class PipelinedPool:
         fut.set_exception(rexc.ConnectionError(f"no connection to {self.url} (reconnecting)"))
         return fut
 
-    def evalsha(self, sha: str, keys: list[Arg], args: list[Arg]) -> asyncio.Future[Any]:
+    def evalsha(self, sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
         return self.execute("EVALSHA", sha, len(keys), *keys, *args)
 
     def close(self) -> None:

@@ -249,7 +249,9 @@ class RedisCache:
             complete, run_id = await self._r.hmget(keys.META, ["complete", "run_id"])
             if complete is None:
                 return False
-            if run_id is not None and run_id.decode() != await self._run_id():
+            if isinstance(run_id, bytes):  # bytes unless the client decodes responses
+                run_id = run_id.decode()
+            if run_id is not None and run_id != await self._run_id():
                 await self._r.hdel(keys.META, "complete")
                 return False
             return True

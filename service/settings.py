@@ -148,7 +148,7 @@ DOCS: dict[str, str] = {
     "redis_pipelined_reads": "hot reads through one auto-pipelined connection",
     "fallback_concurrency": "reads answered from PostgreSQL at once while the cache is incomplete",
     "rebuild_batch": "users per batch when rebuilding the cache",
-    "report_secret": "key signing report links; the same on every API process",
+    # "report_secret": set below.
     "report_link_ttl_s": "how long a report link works",
     "public_base_url": "base of report links (default: the request's scheme and host)",
     "sweep_interval_s": "reconciler round: outbox drain and expiry sweep",
@@ -176,6 +176,10 @@ DOCS: dict[str, str] = {
     "data_dir": "where `make run` keeps the embedded servers' data",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
 }
+# Outside the literal: bandit takes this description for a password by its key (B105), and
+# its exemption covers a single statement.  It still warns "no failed test" here: a known
+# false alarm (PyCQA/bandit#1204).
+DOCS["report_secret"] = "key signing report links; the same on every API process"  # nosec B105
 
 
 def markdown_table() -> str:

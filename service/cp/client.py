@@ -62,7 +62,7 @@ class CpClient:
         self._session = session
         # A session passed in belongs to the caller, who closes it.
         self._owns_session = session is None
-        self._rng = random.Random()
+        self._rng = random.Random()  # nosec B311  # backoff jitter, not security
         self.calls: dict[str, int] = {"ok": 0, "retry": 0, "failed": 0, "rejected": 0}
 
     async def create_segment(self, external_id: str, name: str, expires_at: dt.datetime) -> str:
@@ -237,8 +237,9 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
 
 def _error_message(raw: bytes, status: int) -> str:
     answer = _json_object(raw)
-    if answer is not None and isinstance(answer.get("error"), str):
-        return answer["error"]
+    error = answer.get("error") if answer is not None else None
+    if isinstance(error, str):
+        return error
     # Proxies in front of CP answer 502/504 in HTML; keep a short excerpt for the logs.
     text = raw[:200].decode("utf-8", "replace").strip()
     return text or f"HTTP {status}"

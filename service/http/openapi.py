@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from service.domain.rules import SLUG_PATTERN, USER_ID_MAX, USER_ID_MIN
 from service.http import schemas
 
 
@@ -71,18 +72,18 @@ OPERATIONS = [
 ]
 # fmt: on
 
-_ID_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
-_PARAMS = {
+_ID_SCHEMA: dict[str, object] = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+_PARAMS: dict[str, dict[str, object]] = {
     "merchant_id": {"schema": _ID_SCHEMA},
     "customer_id": {"schema": _ID_SCHEMA},
-    "segment_type": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
+    "segment_type": {"schema": {"type": "string", "pattern": SLUG_PATTERN}},
     "token": {"schema": {"type": "string"}},
-    "slug": {"schema": {"type": "string", "pattern": schemas.SLUG_PATTERN}},
+    "slug": {"schema": {"type": "string", "pattern": SLUG_PATTERN}},
     "user_id": {
         "schema": {
             "type": "integer",
-            "minimum": schemas.USER_ID_MIN,
-            "maximum": schemas.USER_ID_MAX,
+            "minimum": USER_ID_MIN,
+            "maximum": USER_ID_MAX,
         }
     },
 }

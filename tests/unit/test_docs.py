@@ -25,7 +25,7 @@ def test_configuration_table_is_current() -> None:
 def test_every_metric_is_documented() -> None:
     text = (ROOT / "docs" / "operations.md").read_text()
     names = [
-        m._name  # noqa: SLF001
+        m._name
         for m in vars(observability).values()
         if hasattr(m, "_name") and str(getattr(m, "_name", "")).startswith("segments_")
     ]
