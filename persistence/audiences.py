@@ -27,6 +27,8 @@ from service.domain.audiences import (
 # f-strings: a known false alarm (PyCQA/bandit#1204), the exemption is still needed.
 _INFO = "merchant_id, segment_type, customers, version, updated_at"
 
+BULK_TIMEOUT_S = 600.0
+
 
 def _info(row: asyncpg.Record) -> AudienceInfo:
     return AudienceInfo(
@@ -120,10 +122,13 @@ class PgAudienceStore:
     ) -> AudienceInfo:
         current = await self._lock(conn, key)
         generation = await conn.fetchval("SELECT nextval('audience_generation_seq')")
+        # Bulk steps scale with the audience (2,000,000 ids: ~2 s each here), so they
+        # get their own timeout rather than the pool's per-statement one.
         await conn.copy_records_to_table(
             "audience_members",
             records=((generation, cid) for cid in ids),
             columns=["generation", "customer_id"],
+            timeout=BULK_TIMEOUT_S,
         )
         row = await conn.fetchrow(
             "UPDATE audiences SET generation = $3, version = version + 1, customers = $4,"
@@ -135,7 +140,9 @@ class PgAudienceStore:
             len(ids),
         )
         await conn.execute(
-            "DELETE FROM audience_members WHERE generation = $1", current["generation"]
+            "DELETE FROM audience_members WHERE generation = $1",
+            current["generation"],
+            timeout=BULK_TIMEOUT_S,
         )
         assert row is not None
         await self._history(conn, row, "replace", len(ids), current["customers"], change)

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import ConsumerRecord
 
 from service.domain.audiences import AudienceChange, AudienceService
+from service.domain.errors import StorageUnavailable
 from service.ingest.messages import InvalidMessage, decode
 from service.observability import KAFKA_APPLIED, KAFKA_DLQ, KAFKA_LAG
 from service.settings import Settings
@@ -78,7 +79,15 @@ class AudienceConsumer:
                     changes: list[tuple[int, AudienceChange | None]] = []
                     for m in messages:
                         changes.append((m.offset, await self._decode(producer, m)))
-                    applied = await self._audiences.apply_kafka(tp.topic, tp.partition, changes)
+                    try:
+                        applied = await self._audiences.apply_kafka(tp.topic, tp.partition, changes)
+                    except StorageUnavailable as exc:
+                        # Nothing was applied: fetch the same messages again after a
+                        # pause, rather than exit and replay them on restart.
+                        log.warning("partition %s: %s; retrying in 1 s", tp.partition, exc)
+                        consumer.seek(tp, messages[0].offset)
+                        await asyncio.sleep(1)
+                        continue
                     self.applied += applied
                     KAFKA_APPLIED.inc(applied)
                     await consumer.commit({tp: messages[-1].offset + 1})
