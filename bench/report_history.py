@@ -19,8 +19,7 @@ import asyncpg
 from aiohttp.test_utils import TestServer
 
 from bench.stack import bench_stack
-from service.bootstrap import build
-from service.http.app import Probes, create_app
+from service.bootstrap import api_app, build
 from service.settings import load_settings
 
 
@@ -67,18 +66,7 @@ async def ceiling(url: str, start: dt.datetime, end: dt.datetime) -> tuple[float
 
 async def through_api(env: dict[str, str], period: str) -> tuple[float, int, int]:
     container = await build(load_settings(env))
-    app = create_app(
-        segments=container.segments,
-        reports=container.reports,
-        audiences=container.audiences,
-        probes=Probes(
-            container.segments,
-            container.store.ping,
-            container.cache.ping,
-            container.cache.freshness,
-        ),
-        settings=container.settings,
-    )
+    app = api_app(container)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:

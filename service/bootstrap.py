@@ -102,10 +102,10 @@ async def build(settings: Settings) -> Container:
     )
 
 
-async def make_app(settings: Settings) -> web.Application:
-    """The API application, with its adapters connected; they close on clean-up."""
-    container = await build(settings)
-    app = create_app(
+def api_app(container: Container, settings: Settings | None = None) -> web.Application:
+    """The HTTP application over a container's services (``settings`` may override the
+    container's, e.g. to turn auth on in a test)."""
+    return create_app(
         segments=container.segments,
         reports=container.reports,
         audiences=container.audiences,
@@ -115,8 +115,14 @@ async def make_app(settings: Settings) -> web.Application:
             container.cache.ping,
             container.cache.freshness,
         ),
-        settings=settings,
+        settings=settings or container.settings,
     )
+
+
+async def make_app(settings: Settings) -> web.Application:
+    """The API application, with its adapters connected; they close on clean-up."""
+    container = await build(settings)
+    app = api_app(container)
 
     bridge = CounterBridge()
     segments = container.segments

@@ -83,16 +83,9 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
         return subprocess.Popen(command, env=env)  # nosec B603
 
     children = [spawn() for _ in range(workers)]
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop = _StopFlag()
     try:
-        while not stopping:
+        while not stop.requested:
             for i, child in enumerate(children):
                 if child.poll() is not None:
                     log.warning(
@@ -160,6 +153,18 @@ def _serve_metrics(settings: Settings) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.http_host)
+
+
+class _StopFlag:
+    """Raised by SIGINT or SIGTERM: a supervisor then stops its children in order."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGINT, self._request)
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, *_: object) -> None:
+        self.requested = True
 
 
 def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -264,14 +269,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     env = dict(os.environ)
     servers: list[EmbeddedPostgres | EmbeddedValkey | EmbeddedBroker] = []
     children: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop = _StopFlag()
     try:
         if not settings.database_url:
             pg = EmbeddedPostgres(data / "postgres", free_port())
@@ -332,7 +330,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             "Press Ctrl-C to stop everything.\n",
             flush=True,
         )
-        while not stopping:
+        while not stop.requested:
             if any(child.poll() is not None for child in children):
                 log.error("a service process exited; stopping everything")
                 return 1

@@ -14,10 +14,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from persistence.migrate import upgrade
-from service.bootstrap import Container, build
+from service.bootstrap import Container, api_app, build
 from service.cp.emulator import create_emulator_app
 from service.devstack import EmbeddedStack
-from service.http.app import Probes, create_app
 from service.settings import Settings, load_settings
 
 TABLES = (
@@ -96,18 +95,7 @@ async def clean(container: Container, db: asyncpg.Connection) -> Container:
 
 @pytest.fixture(scope="session")
 async def server(container: Container) -> AsyncIterator[TestServer]:
-    app = create_app(
-        segments=container.segments,
-        reports=container.reports,
-        audiences=container.audiences,
-        probes=Probes(
-            container.segments,
-            container.store.ping,
-            container.cache.ping,
-            container.cache.freshness,
-        ),
-        settings=container.settings,
-    )
+    app = api_app(container)
     srv = TestServer(app, host="127.0.0.1")
     await srv.start_server()
     yield srv

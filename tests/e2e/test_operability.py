@@ -12,8 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from service.bootstrap import Container
-from service.http.app import Probes, create_app
+from service.bootstrap import Container, api_app
 from service.http.middleware import parse_tokens
 from service.observability import JsonFormatter
 
@@ -26,13 +25,7 @@ TOKENS = {
 
 async def _server(container: Container, **overrides: object) -> TestServer:
     settings = msgspec.structs.replace(container.settings, **overrides)
-    app = create_app(
-        segments=container.segments,
-        reports=container.reports,
-        audiences=container.audiences,
-        probes=Probes(container.segments, container.store.ping, container.cache.ping),
-        settings=settings,
-    )
+    app = api_app(container, settings)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
