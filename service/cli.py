@@ -94,14 +94,7 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
                     children[i] = spawn()
             time.sleep(0.5)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop_children(children)
     return 0
 
 
@@ -153,6 +146,19 @@ def _serve_metrics(settings: Settings) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.http_host)
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]], timeout_s: float = 15) -> None:
+    """SIGTERM every child (they finish in-flight work), then SIGKILL the stragglers."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 class _StopFlag:
@@ -337,15 +343,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        _stop_children(children)
         for server in reversed(servers):
             server.stop()
         log.info("stopped")
