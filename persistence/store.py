@@ -18,6 +18,7 @@ from service.domain.changes import SegmentRef, plan_change
 from service.domain.errors import SegmentExists, SegmentNotFound, StorageUnavailable
 from service.domain.model import (
     NEVER,
+    AppliedChange,
     Membership,
     Registry,
     RegistryEntry,
@@ -222,7 +223,9 @@ class PgStore:
 
     # -- memberships ----------------------------------------------------------
 
-    async def apply_change(self, change: UserChange, expiries: Sequence[float | None]) -> UserState:
+    async def apply_change(
+        self, change: UserChange, expiries: Sequence[float | None]
+    ) -> AppliedChange:
         uid = change.user_id
         slugs = [a.slug for a in change.add] + list(change.remove)
         async with self.transaction() as conn:
@@ -240,7 +243,9 @@ class PgStore:
                 ), o AS (
                     INSERT INTO cache_outbox (change_id, user_id) SELECT version, $1 FROM v
                 )
-                SELECT version, extract(epoch FROM now())::float8 AS now FROM v
+                SELECT version, extract(epoch FROM now())::float8 AS now,
+                       (SELECT coalesce(max(version), 0) FROM segments) AS registry_version
+                FROM v
                 """,
                 uid,
             )
@@ -322,12 +327,13 @@ class PgStore:
             current.pop(sid, None)
         excluded.update(plan.exclude)
         excluded.difference_update(plan.unexclude)
-        return UserState(
+        state = UserState(
             uid,
             lock["version"],
             tuple(Membership(sid, NEVER if exp is None else exp) for sid, exp in current.items()),
             frozenset(excluded),
         )
+        return AppliedChange(state, lock["registry_version"])
 
     async def user_state(self, user_id: int) -> UserState:
         async with self.transaction(isolation="repeatable_read", readonly=True) as conn:

@@ -15,6 +15,7 @@ from service.domain.changes import SegmentRef, plan_change
 from service.domain.errors import CacheUnavailable, SegmentExists, SegmentNotFound
 from service.domain.model import (
     NEVER,
+    AppliedChange,
     CachedUser,
     Membership,
     Registry,
@@ -75,7 +76,9 @@ class FakeStore:
                 self.history.append((uid, slug, "remove", self.now))
         return seg
 
-    async def apply_change(self, change: UserChange, expiries: Sequence[float | None]) -> UserState:
+    async def apply_change(
+        self, change: UserChange, expiries: Sequence[float | None]
+    ) -> AppliedChange:
         uid = change.user_id
         slugs = [a.slug for a in change.add] + list(change.remove)
         found = {}
@@ -98,7 +101,7 @@ class FakeStore:
         for e in plan.events:
             self.history.append((uid, e.slug, e.operation, e.occurred_at))
         self.versions[uid] = self._next()
-        return await self.user_state(uid)
+        return AppliedChange(await self.user_state(uid), (await self.registry()).version)
 
     async def user_state(self, user_id: int) -> UserState:
         rows = self.members.get(user_id, {})

@@ -73,6 +73,15 @@ class UserState:
 
 
 @dataclass(frozen=True, slots=True)
+class AppliedChange:
+    """A committed change: the user's state after it, and the registry version at the
+    time, so the answer can name segments without another round trip."""
+
+    state: UserState
+    registry_version: int
+
+
+@dataclass(frozen=True, slots=True)
 class AddItem:
     slug: str
     # Absolute Unix time of expiry, or None for a membership that never expires.

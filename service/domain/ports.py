@@ -7,7 +7,14 @@ import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
-from service.domain.model import CachedUser, Registry, Segment, UserChange, UserState
+from service.domain.model import (
+    AppliedChange,
+    CachedUser,
+    Registry,
+    Segment,
+    UserChange,
+    UserState,
+)
 
 
 class HistorySource(Protocol):
@@ -41,7 +48,9 @@ class Store(Protocol):
         """Soft-delete and end every membership, with history.  Raises SegmentNotFound."""
         ...
 
-    async def apply_change(self, change: UserChange, expiries: Sequence[float | None]) -> UserState:
+    async def apply_change(
+        self, change: UserChange, expiries: Sequence[float | None]
+    ) -> AppliedChange:
         """Apply a validated change atomically and return the user's state after it.
 
         ``expiries`` are the resolved expiries of ``change.add``, in order.  Raises

@@ -135,11 +135,17 @@ class SegmentService:
             for a in add
         ]
         change = rules.validate_change(user_id, items, remove, max_items=self._max_items)
-        state = await self._store.apply_change(change, [i.expires_at for i in items])
+        applied = await self._store.apply_change(change, [i.expires_at for i in items])
+        state = applied.state
         await self._write_through([state])
-        # Answer through the normal read path: the caller sees exactly what the next
-        # read of this user will see.
-        return await self.user_segments(user_id)
+        # Answer from the committed state and a registry at least as new as the one
+        # the change saw: what the next read of this user answers, without reading.
+        registry = self._registry
+        if registry.version < applied.registry_version:
+            registry = await self._refresh_registry(applied.registry_version)
+        now = self._clock()
+        live = [m.segment_id for m in state.memberships if m.expires_at > now]
+        return rules.visible_slugs(registry, user_id, live, state.excluded)
 
     async def user_segments(self, user_id: int) -> list[str]:
         if not rules.is_valid_user_id(user_id):

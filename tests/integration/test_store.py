@@ -35,8 +35,8 @@ async def test_change_writes_history_in_the_same_transaction(
 ) -> None:
     await store.create_segment("A", "", None)
     b = await store.create_segment("B", "", None)
-    s1 = await store.apply_change(change(1, ["A", "B"]), [None, None])
-    s2 = await store.apply_change(change(1, [], ["A"]), [])
+    s1 = (await store.apply_change(change(1, ["A", "B"]), [None, None])).state
+    s2 = (await store.apply_change(change(1, [], ["A"]), [])).state
     assert s2.version > s1.version
     assert len(s1.memberships) == 2
     assert [m.segment_id for m in s2.memberships] == [b.id]
