@@ -367,11 +367,6 @@ class RedisCache:
             scores = await pipe.execute()
         return [None if s is None else int(-s) for s in scores]
 
-    async def registry_version(self) -> int | None:
-        async with _guard():
-            raw = await self._r.hget(keys.META, "registry")
-        return None if raw is None else int(raw)
-
     async def record_reconcile(self, found: int, repaired: int, confirmed_at: float | None) -> None:
         """Divergence counters and the last time the copy was confirmed consistent
         (LaunchDarkly's ``synchronized_on``), kept in the meta hash for every process."""
