@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import asyncpg
 import orjson
 
+from bench.measure import median
 from bench.stack import bench_stack
 from bench.wrk import WrkResult, run_wrk
 from service.bootstrap import build
@@ -144,10 +145,6 @@ def _segments(port: int, method: str, body: dict[str, object] | None, slug: str)
         url, data=data, method=method, headers={"Content-Type": "application/json"}
     )
     urllib.request.urlopen(req, timeout=5)
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:

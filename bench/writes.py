@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,9 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 
+from bench.measure import cpu_seconds, median
 from bench.stack import bench_stack
-from bench.wrk import WrkResult, _ms, ensure_wrk
+from bench.wrk import WrkResult, run_script
 from service.devstack import EmbeddedPostgres, free_port
 from service.settings import Settings
 
@@ -145,48 +145,9 @@ def write_state(path: str, users: int, members_of_a: list[int]) -> None:
 
 
 def run_wrk_writes(port: int, users: int, seconds: int, seed: int, state: str) -> WrkResult:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRITE_SCRIPT % {"seed": seed, "users": users, "state": state})
-    try:
-        out = subprocess.run(
-            [
-                ensure_wrk(),
-                "-t1",
-                f"-c{CONNECTIONS}",
-                f"-d{seconds}s",
-                "--latency",
-                "-s",
-                f.name,
-                f"http://127.0.0.1:{port}/v1/users/1/segments",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    finally:
-        os.unlink(f.name)
-    if "Latency Distribution" not in out:
-        raise RuntimeError(f"wrk gave no latency figures:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
-    errors += sum(int(n) for n in re.findall(r"Socket errors:.*?timeout (\d+)", out))
-    return WrkResult(rps, p50, p99, errors)
-
-
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """user+system CPU seconds of each live pid, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[pid] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+    script = WRITE_SCRIPT % {"seed": seed, "users": users, "state": state}
+    url = f"http://127.0.0.1:{port}/v1/users/1/segments"
+    return run_script(script, url, seconds=seconds, connections=CONNECTIONS)
 
 
 @dataclass(frozen=True)
@@ -297,12 +258,6 @@ async def check(dsn: str, redis_url: str, port: int) -> dict[str, object]:
         "mismatches": mismatches,
         "outbox": outbox,
     }
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -43,30 +44,47 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
-def run_wrk(
-    url: str, *, users: int, seconds: int = 10, connections: int = 64, threads: int = 1
+def run_script(
+    script: str, url: str, *, seconds: int, connections: int = 64, threads: int = 1
 ) -> WrkResult:
+    """Run wrk with a Lua ``script`` against ``url`` and parse what it prints."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(USER_SCRIPT % {"seed": 7, "users": users})
-    out = subprocess.run(
-        [
-            ensure_wrk(),
-            f"-t{threads}",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            f.name,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+        f.write(script)
+    try:
+        out = subprocess.run(  # nosec B603: our own wrk, fixed arguments
+            [
+                ensure_wrk(),
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                f.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    return parse(out)
+
+
+def parse(out: str) -> WrkResult:
     if "Latency Distribution" not in out:
         raise RuntimeError(f"wrk gave no latency figures:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"Socket errors:.*?timeout (\d+)", out))
     return WrkResult(rps, p50, p99, errors)
+
+
+def run_wrk(
+    url: str, *, users: int, seconds: int = 10, connections: int = 64, threads: int = 1
+) -> WrkResult:
+    """Random single-user reads over ``users`` ids."""
+    script = USER_SCRIPT % {"seed": 7, "users": users}
+    return run_script(script, url, seconds=seconds, connections=connections, threads=threads)
