@@ -42,7 +42,7 @@ from aiokafka import AIOKafkaProducer
 from bench.measure import cpu_delta, cpu_seconds, median
 from bench.stack import bench_stack
 from service.devstack import EmbeddedPostgres
-from service.ingest.messages import AudienceMessage, encode
+from service.ingest.messages import snapshot
 
 TARGET = 150_000
 MERCHANT_ID = 42
@@ -58,22 +58,7 @@ ROUND_TIMEOUT_S = 240.0
 
 async def produce(bootstrap: str, topic: str, ids: list[int], parts: int) -> tuple[float, int]:
     """Publish one snapshot; returns (seconds, largest message in bytes)."""
-    batch_id = uuid.uuid4().hex
-    size = -(-len(ids) // parts)
-    messages = [
-        encode(
-            AudienceMessage(
-                merchant_id=MERCHANT_ID,
-                segment_type=SEGMENT_TYPE,
-                op="replace",
-                customer_ids=ids[i * size : (i + 1) * size],
-                batch_id=batch_id,
-                part=i + 1,
-                parts=parts,
-            )
-        )
-        for i in range(parts)
-    ]
+    messages = snapshot(MERCHANT_ID, SEGMENT_TYPE, ids, parts, uuid.uuid4().hex)
     largest = max(len(value) for _, value in messages)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", max_request_size=32 * 1024 * 1024

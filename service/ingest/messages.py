@@ -62,3 +62,24 @@ def decode(key: bytes | None, value: bytes | None, max_ids: int) -> AudienceChan
 def encode(msg: AudienceMessage) -> tuple[bytes, bytes]:
     """(key, value) as data engineering publishes them."""
     return f"{msg.merchant_id}:{msg.segment_type}".encode(), msgspec.json.encode(msg)
+
+
+def snapshot(
+    merchant_id: int, segment_type: str, customer_ids: list[int], parts: int, batch_id: str
+) -> list[tuple[bytes, bytes]]:
+    """A `replace` of the whole list split into ``parts`` messages, as (key, value)."""
+    size = -(-len(customer_ids) // parts)
+    return [
+        encode(
+            AudienceMessage(
+                merchant_id=merchant_id,
+                segment_type=segment_type,
+                op="replace",
+                customer_ids=customer_ids[i * size : (i + 1) * size],
+                batch_id=batch_id,
+                part=i + 1,
+                parts=parts,
+            )
+        )
+        for i in range(parts)
+    ]

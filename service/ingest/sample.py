@@ -7,7 +7,7 @@ import uuid
 
 from aiokafka import AIOKafkaProducer
 
-from service.ingest.messages import AudienceMessage, encode
+from service.ingest.messages import snapshot
 
 
 async def produce_sample(
@@ -21,24 +21,13 @@ async def produce_sample(
 ) -> None:
     """A `replace` snapshot of ``customers`` random ids, split into ``parts`` messages."""
     ids = random.sample(range(1, 50 * customers + 1), customers)  # nosec B311  # sample data
-    batch_id = uuid.uuid4().hex
-    size = -(-customers // parts)
+    messages = snapshot(merchant_id, segment_type, ids, parts, uuid.uuid4().hex)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", max_request_size=32 * 1024 * 1024
     )
     await producer.start()
     try:
-        for index in range(parts):
-            msg = AudienceMessage(
-                merchant_id=merchant_id,
-                segment_type=segment_type,
-                op="replace",
-                customer_ids=ids[index * size : (index + 1) * size],
-                batch_id=batch_id,
-                part=index + 1,
-                parts=parts,
-            )
-            key, value = encode(msg)
+        for key, value in messages:
             await producer.send_and_wait(topic, value=value, key=key)
     finally:
         await producer.stop()
