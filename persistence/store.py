@@ -64,6 +64,44 @@ def _epoch(value: dt.datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
 
+# Per user of the outer query `v`: its memberships (ids and expiries) and exclusions as
+# arrays.  One statement per batch of users, measured 2x faster than a query per table.
+_USER_ROWS = """
+    LEFT JOIN LATERAL (
+        SELECT array_agg(segment_id) AS ids,
+               array_agg(extract(epoch FROM expires_at)::float8) AS exps
+        FROM memberships WHERE user_id = v.user_id) m ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(segment_id) AS ids
+        FROM auto_exclusions WHERE user_id = v.user_id) x ON true
+"""
+
+# Constant text only: every value is a $n parameter.
+_STATES_AFTER = (
+    "SELECT v.user_id, v.version, m.ids, m.exps, x.ids AS excluded"  # nosec B608
+    " FROM (SELECT user_id, version FROM user_versions WHERE user_id > $1"
+    " ORDER BY user_id LIMIT $2) v" + _USER_ROWS + " ORDER BY v.user_id"
+)
+_STATES_OF = (
+    "SELECT v.user_id, v.version, m.ids, m.exps, x.ids AS excluded"  # nosec B608
+    " FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS v(user_id, version, n)"
+    + _USER_ROWS
+    + " ORDER BY v.n"
+)
+
+
+def _state(row: asyncpg.Record) -> UserState:
+    return UserState(
+        row["user_id"],
+        row["version"],
+        tuple(
+            Membership(sid, NEVER if exp is None else exp)
+            for sid, exp in zip(row["ids"] or (), row["exps"] or (), strict=True)
+        ),
+        frozenset(row["excluded"] or ()),
+    )
+
+
 def _segment(row: asyncpg.Record) -> Segment:
     return Segment(
         id=row["id"],
@@ -346,65 +384,24 @@ class PgStore:
         after = 0
         while True:
             # One statement per batch, so versions and rows come from one snapshot: a
-            # state is never labelled with a version newer than its contents.  (One
-            # query with per-user aggregates measured 2x faster than three queries.)
+            # state is never labelled with a version newer than its contents.
             async with self.connection() as conn:
-                rows = await conn.fetch(
-                    """
-                    SELECT v.user_id, v.version, m.ids, m.exps, x.ids AS excluded
-                    FROM (SELECT user_id, version FROM user_versions WHERE user_id > $1
-                          ORDER BY user_id LIMIT $2) v
-                    LEFT JOIN LATERAL (
-                        SELECT array_agg(segment_id) AS ids,
-                               array_agg(extract(epoch FROM expires_at)::float8) AS exps
-                        FROM memberships WHERE user_id = v.user_id) m ON true
-                    LEFT JOIN LATERAL (
-                        SELECT array_agg(segment_id) AS ids
-                        FROM auto_exclusions WHERE user_id = v.user_id) x ON true
-                    ORDER BY v.user_id
-                    """,
-                    after,
-                    batch_size,
-                )
+                rows = await conn.fetch(_STATES_AFTER, after, batch_size)
             if not rows:
                 return
             after = rows[-1]["user_id"]
-            states = [
-                UserState(
-                    r["user_id"],
-                    r["version"],
-                    tuple(
-                        Membership(sid, NEVER if exp is None else exp)
-                        for sid, exp in zip(r["ids"] or (), r["exps"] or (), strict=True)
-                    ),
-                    frozenset(r["excluded"] or ()),
-                )
-                for r in rows
-                if r["ids"] or r["excluded"]
-            ]
+            states = [_state(r) for r in rows if r["ids"] or r["excluded"]]
             if states:
                 yield states
 
     async def _states(self, conn: Conn, users: Sequence[tuple[int, int]]) -> list[UserState]:
-        ids = [uid for uid, _ in users]
-        members: dict[int, list[Membership]] = {uid: [] for uid in ids}
-        excluded: dict[int, set[int]] = {uid: set() for uid in ids}
-        for r in await conn.fetch(
-            "SELECT user_id, segment_id, extract(epoch FROM expires_at)::float8 AS exp"
-            " FROM memberships WHERE user_id = ANY($1::bigint[])",
-            ids,
-        ):
-            exp = r["exp"]
-            members[r["user_id"]].append(Membership(r["segment_id"], NEVER if exp is None else exp))
-        for r in await conn.fetch(
-            "SELECT user_id, segment_id FROM auto_exclusions WHERE user_id = ANY($1::bigint[])",
-            ids,
-        ):
-            excluded[r["user_id"]].add(r["segment_id"])
-        return [
-            UserState(uid, version, tuple(members[uid]), frozenset(excluded[uid]))
-            for uid, version in users
-        ]
+        """The states of ``(user_id, version)`` pairs, in their order, in one statement."""
+        rows = await conn.fetch(
+            _STATES_OF,
+            [uid for uid, _ in users],
+            [version for _, version in users],
+        )
+        return [_state(r) for r in rows]
 
     # -- expiry ---------------------------------------------------------------
 
