@@ -1,21 +1,41 @@
 """Redis key names (the schema is described in docs/cache-format.md).
 
-Per-user keys carry the user id as a hash tag, so Redis Cluster routes them by user;
-the shared keys carry the ``{meta}`` tag so scripts touching several of them stay in
-one slot.
+Per-user and per-customer keys carry a *bucket* (``id % BUCKETS``) as their hash tag,
+and every bucket has its own meta hash under the same tag.  A read script can then
+check the completeness marker and read the user in one slot, which Redis Cluster
+requires, and a shard that restarts empty loses its buckets' markers together with
+their data.  The global keys carry the ``{meta}`` tag so scripts touching several of
+them stay in one slot.
 """
 
 from __future__ import annotations
+
+# A power of two well above any sensible shard count, so buckets spread evenly over
+# the masters; small enough that marking every bucket is one cheap pipeline.
+BUCKETS = 1024
 
 META = "seg:{meta}"
 REGISTRY = "seg:{meta}:registry"
 REBUILD_LEASE = "seg:{meta}:rebuild-lease"
 
 
+def bucket_meta(bucket: int) -> str:
+    """A bucket's completeness marker and registry version."""
+    return f"seg:{{{bucket}}}:m"
+
+
+BUCKET_METAS = tuple(bucket_meta(b) for b in range(BUCKETS))
+
+
+def meta_of(entity_id: int) -> str:
+    """The meta hash of the bucket holding a user's or customer's key."""
+    return BUCKET_METAS[entity_id % BUCKETS]
+
+
 def user(user_id: int) -> str:
-    return f"seg:u:{{{user_id}}}"
+    return f"seg:{{{user_id % BUCKETS}}}:u:{user_id}"
 
 
 def synced(customer_id: int) -> str:
     """A customer's active synced segments: promo id -> end of promo (Unix seconds)."""
-    return f"seg:c:{{{customer_id}}}"
+    return f"seg:{{{customer_id % BUCKETS}}}:c:{customer_id}"

@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 import redis.asyncio as redis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from cache import keys
 from cache.pipelined import PipelinedPool
@@ -27,6 +29,7 @@ from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, Use
 # their version outlives any slow writer holding an older state.
 MIN_KEY_TTL_S = 600
 
+# KEYS: the user's bucket meta, the user.  ARGV: the lowest live score.
 _READ = """
 local complete, registry = unpack(redis.call('HMGET', KEYS[1], 'complete', 'registry'))
 if not complete or not registry then return false end
@@ -35,18 +38,25 @@ table.insert(out, 1, registry)
 return out
 """
 
-# KEYS: meta, then user keys.  One call for a whole batch (a standalone or Sentinel
-# layout; on Redis Cluster the keys would have to be grouped by slot).
+# KEYS: ARGV[2] bucket metas, then user keys.  ARGV: the lowest live score, the number
+# of metas.  Answers the newest registry version among the buckets, then one list per
+# user.  Standalone: one call for a whole batch; Redis Cluster: one call per bucket.
 _READ_MANY = """
-local complete, registry = unpack(redis.call('HMGET', KEYS[1], 'complete', 'registry'))
-if not complete or not registry then return false end
-local out = {registry}
-for i = 2, #KEYS do
-  out[i] = redis.call('ZRANGE', KEYS[i], ARGV[1], '+inf', 'BYSCORE')
+local metas = tonumber(ARGV[2])
+local newest = 0
+for i = 1, metas do
+  local complete, registry = unpack(redis.call('HMGET', KEYS[i], 'complete', 'registry'))
+  if not complete or not registry then return false end
+  newest = math.max(newest, tonumber(registry))
+end
+local out = {newest}
+for i = metas + 1, #KEYS do
+  out[i - metas + 1] = redis.call('ZRANGE', KEYS[i], ARGV[1], '+inf', 'BYSCORE')
 end
 return out
 """
 
+# KEYS: the customer's bucket meta, the customer's key.
 _COUNT_SYNCED = """
 if not redis.call('HGET', KEYS[1], 'complete') then return false end
 return redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
@@ -77,13 +87,38 @@ redis.call('HSET', KEYS[1], 'registry', ARGV[1])
 return 1
 """
 
-# KEYS: meta, lease.  ARGV: generation, the server's run_id.
+# KEYS: meta, registry.  The version and the entries, read atomically.
+_READ_REGISTRY = """
+return {redis.call('HGET', KEYS[1], 'registry'), redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: a bucket meta.  ARGV: registry version.  Only ever moves forward.
+_BUMP_REGISTRY = """
+local cur = redis.call('HGET', KEYS[1], 'registry')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'registry', ARGV[1])
+return 1
+"""
+
+# KEYS: a bucket meta.  ARGV: generation.  A bucket whose shard was flushed or
+# restarted since begin_rebuild has lost `building` and stays incomplete.
+_MARK_BUCKET = """
+if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'complete', ARGV[1])
+redis.call('HDEL', KEYS[1], 'building')
+return 1
+"""
+
+# KEYS: meta, lease.  ARGV: generation, the servers' run ids, '1' to mark complete
+# (else only end the rebuild: some bucket was lost on the way).
 _FINISH_REBUILD = """
 if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'complete', ARGV[1], 'run_id', ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'complete', ARGV[1], 'run_id', ARGV[2])
+end
 redis.call('HDEL', KEYS[1], 'building')
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-return 1
+return tonumber(ARGV[3])
 """
 
 # KEYS: lease.  ARGV: generation, lease-ms.
@@ -97,16 +132,27 @@ _ERRORS = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
+    # Redis Cluster: a shard down or its slots moving while the client catches up.
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
+    redis_errors.TryAgainError,
     OSError,
     TimeoutError,
 )
 
 
+# redis-py's asyncio cluster client can fail with AttributeError while a shard
+# restarts (a connection's writer torn down under a concurrent call: seen in
+# tests/cluster; redis/redis-py#3835 and #3815 are the same family).  On a cluster only,
+# those count as "Redis unavailable" so the read falls back to PostgreSQL.
+_CLUSTER_CLIENT_FAULTS = (AttributeError,)
+
+
 @contextlib.asynccontextmanager
-async def _guard() -> AsyncIterator[None]:
+async def _guard(errors: tuple[type[BaseException], ...] = _ERRORS) -> AsyncIterator[None]:
     try:
         yield
-    except _ERRORS as exc:
+    except errors as exc:
         raise CacheUnavailable(str(exc) or type(exc).__name__) from exc
 
 
@@ -139,16 +185,30 @@ def _user_args(state: UserState, now: float) -> list[Any]:
     return args
 
 
-class RedisCache:
-    """The serving copy.  ``fast``, when given, carries the hot per-user read (see
-    cache/pipelined.py for why); everything else goes through redis-py."""
+Client = redis.Redis | RedisCluster
 
-    def __init__(self, client: redis.Redis, fast: PipelinedPool | None = None) -> None:
+# Script calls in flight at once on a cluster (bounded by the client's pool anyway).
+_CLUSTER_CONCURRENCY = 64
+
+
+class RedisCache:
+    """The serving copy, on a standalone (or Sentinel) Redis or on a Redis Cluster.
+
+    ``fast``, when given, carries the hot per-user read and user writes (see
+    cache/pipelined.py for why); everything else goes through redis-py, whose cluster
+    client routes each key to its shard."""
+
+    def __init__(self, client: Client, fast: PipelinedPool | None = None) -> None:
         self._r = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._errors = _ERRORS + _CLUSTER_CLIENT_FAULTS if self._cluster else _ERRORS
         self._fast = fast
         self._read = client.register_script(_READ)
         self._write_user = client.register_script(_WRITE_USER)
         self._write_registry = client.register_script(_WRITE_REGISTRY)
+        self._read_registry = client.register_script(_READ_REGISTRY)
+        self._bump_registry = client.register_script(_BUMP_REGISTRY)
+        self._mark_bucket = client.register_script(_MARK_BUCKET)
         self._finish = client.register_script(_FINISH_REBUILD)
         self._renew = client.register_script(_RENEW_LEASE)
         self._count_synced = client.register_script(_COUNT_SYNCED)
@@ -162,7 +222,19 @@ class RedisCache:
         timeout_s: float = 0.25,
         pool_size: int = 64,
         pipelined_reads: bool = True,
+        cluster: bool = False,
     ) -> RedisCache:
+        if cluster:
+            # The pipelined client speaks to one server; on a cluster every call goes
+            # through redis-py, which follows the slot map (and MOVED/ASK redirects).
+            return cls(
+                RedisCluster.from_url(
+                    url,
+                    socket_timeout=timeout_s,
+                    socket_connect_timeout=timeout_s,
+                    max_connections=pool_size,
+                )
+            )
         client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -188,21 +260,62 @@ class RedisCache:
 
     async def ping(self) -> bool:
         try:
-            async with _guard():
+            async with _guard(self._errors):
                 return bool(await self._r.ping())
         except CacheUnavailable:
             return False
+
+    async def _call(
+        self, script: AsyncScript, call_keys: Sequence[str], call_args: Sequence[Any] = ()
+    ) -> Any:
+        """Run a script by its hash; a server that forgot it (restarted) gets the text
+        through EVAL, which also caches it there.  (redis-py's own reload sends SCRIPT
+        LOAD to every master of a cluster, which failed while one was restarting.)"""
+        try:
+            return await self._r.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+        except redis_errors.NoScriptError:
+            return await self._r.eval(script.script, len(call_keys), *call_keys, *call_args)
+
+    async def _script_calls(
+        self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """One script over many key sets, pipelined.  A server that forgot its scripts
+        (restarted) gets them loaded, then the calls are sent once more: they are
+        idempotent.  redis-py refuses scripts in cluster pipelines, so on a cluster the
+        calls go concurrently instead, each routed to its slot's shard."""
+        if self._cluster:
+            limit = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+
+            async def call(call_keys: Sequence[str], call_args: Sequence[Any]) -> Any:
+                async with limit:
+                    return await self._call(script, call_keys, call_args)
+
+            return list(await asyncio.gather(*(call(k, a) for k, a in calls)))
+        for attempt in (1, 2):
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for call_keys, call_args in calls:
+                        pipe.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+                    return list(await pipe.execute())
+            except redis_errors.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._r.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    async def _each_bucket(self, script: AsyncScript, args: Sequence[Any]) -> list[Any]:
+        return await self._script_calls(script, [((meta,), args) for meta in keys.BUCKET_METAS])
 
     # -- reads ----------------------------------------------------------------
 
     async def read_user(self, user_id: int, now: float) -> CachedUser | None:
         # The hot path: plain try/except rather than the _guard() context manager,
         # whose generator machinery showed up at ~2% of a request in py-spy.
-        read_keys = [keys.META, keys.user(user_id)]
+        read_keys = [keys.meta_of(user_id), keys.user(user_id)]
         args = [f"({now!r}"]
         try:
             if self._fast is None:
-                raw = await self._read(keys=read_keys, args=args)
+                raw = await self._call(self._read, read_keys, args)
             else:
                 try:
                     raw = await self._fast.evalsha(self._read.sha, read_keys, args)
@@ -210,32 +323,43 @@ class RedisCache:
                     # A restarted server forgot its scripts: load and ask again.
                     await self._r.script_load(_READ)
                     raw = await self._fast.evalsha(self._read.sha, read_keys, args)
-        except _ERRORS as exc:
+        except self._errors as exc:
             raise CacheUnavailable(str(exc) or type(exc).__name__) from exc
         if raw is None:
             return None
         return _cached_user(int(raw[0]), raw[1:])
 
     async def read_users(self, user_ids: Sequence[int], now: float) -> list[CachedUser] | None:
-        """Many users in one round trip; None when the cache is not complete."""
-        async with _guard():
-            raw = await self._read_many(
-                keys=[keys.META, *(keys.user(uid) for uid in user_ids)], args=[f"({now!r}"]
-            )
-        if raw is None:
-            return None
-        version = int(raw[0])
-        return [_cached_user(version, items) for items in raw[1:]]
+        """Many users in one round trip (one per shard on a cluster); None when the
+        cache is not complete for any of them."""
+        low = f"({now!r}"
+        by_bucket: dict[str, list[int]] = {}
+        for uid in user_ids:
+            by_bucket.setdefault(keys.meta_of(uid), []).append(uid)
+        if self._cluster:
+            groups = list(by_bucket.items())
+            calls = [((meta, *map(keys.user, ids)), (low, 1)) for meta, ids in groups]
+        else:
+            groups = [("", [uid for ids in by_bucket.values() for uid in ids])]
+            calls = [((*by_bucket, *map(keys.user, groups[0][1])), (low, len(by_bucket)))]
+        async with _guard(self._errors):
+            replies = await self._script_calls(self._read_many, calls)
+        found: dict[int, CachedUser] = {}
+        for (_, ids), raw in zip(groups, replies, strict=True):
+            if raw is None:
+                return None
+            version = int(raw[0])
+            for uid, items in zip(ids, raw[1:], strict=True):
+                found[uid] = _cached_user(version, items)
+        return [found[uid] for uid in user_ids]
 
     async def read_registry(self) -> Registry | None:
-        async with _guard(), self._r.pipeline(transaction=True) as pipe:
-            pipe.hget(keys.META, "registry")
-            pipe.hgetall(keys.REGISTRY)
-            version, entries = await pipe.execute()
+        async with _guard(self._errors):
+            version, flat = await self._call(self._read_registry, [keys.META, keys.REGISTRY])
         if version is None:
             return None
         segments = {}
-        for sid, raw in entries.items():
+        for sid, raw in zip(flat[::2], flat[1::2], strict=True):
             entry = orjson.loads(raw)
             segments[int(sid)] = RegistryEntry(entry["slug"], entry.get("auto_bp"))
         return Registry(int(version), segments)
@@ -243,16 +367,17 @@ class RedisCache:
     async def is_complete(self) -> bool:
         """Is the copy complete?  A Redis that restarted from its own persistence files
         (if an operator enabled them) may have lost the last writes yet still hold the
-        marker: the marker names the server run that completed it, and a new run drops
-        it, so the copy is rebuilt."""
-        async with _guard():
-            complete, run_id = await self._r.hmget(keys.META, ["complete", "run_id"])
+        marker; a cluster shard may have restarted on its own.  The marker names the
+        server runs that completed it, and any new run drops it, so the copy is
+        rebuilt."""
+        async with _guard(self._errors):
+            complete, run_ids = await self._r.hmget(keys.META, ["complete", "run_id"])
             if complete is None:
                 return False
-            if isinstance(run_id, bytes):  # bytes unless the client decodes responses
-                run_id = run_id.decode()
-            if run_id is not None and run_id != await self._run_id():
-                await self._r.hdel(keys.META, "complete")
+            if isinstance(run_ids, bytes):  # bytes unless the client decodes responses
+                run_ids = run_ids.decode()
+            if run_ids is not None and run_ids != await self._run_ids():
+                await self.invalidate()
                 return False
             return True
 
@@ -262,7 +387,7 @@ class RedisCache:
         if not states:
             return
         now = time.time()
-        async with _guard():
+        async with _guard(self._errors):
             if self._fast is not None:
                 # Through the pipelined connection: its packing costs a fraction of a
                 # redis-py call (bench/redis_clients.py: 3.7-4.5x the throughput).
@@ -282,52 +407,74 @@ class RedisCache:
                     # A restarted server forgot its scripts: fall through to redis-py,
                     # which loads them.
                     pass
-            async with self._r.pipeline(transaction=False) as pipe:
-                for state in states:
-                    await self._write_user(
-                        keys=[keys.user(state.user_id)], args=_user_args(state, now), client=pipe
-                    )
-                await pipe.execute()
+            for i in range(0, len(states), 10_000):
+                await self._script_calls(
+                    self._write_user,
+                    [((keys.user(s.user_id),), _user_args(s, now)) for s in states[i : i + 10_000]],
+                )
 
     async def write_registry(self, registry: Registry) -> None:
         args: list[Any] = [registry.version]
         for sid, entry in registry.segments.items():
             args += [sid, orjson.dumps({"slug": entry.slug, "auto_bp": entry.auto_bp})]
-        async with _guard():
-            await self._write_registry(keys=[keys.META, keys.REGISTRY], args=args)
+        async with _guard(self._errors):
+            await self._call(self._write_registry, [keys.META, keys.REGISTRY], args)
+            # Then every bucket, which is what reads see.  Unconditionally: on a
+            # cluster a restarted shard may have lost its buckets but not the registry.
+            await self._each_bucket(self._bump_registry, [registry.version])
 
     async def invalidate(self) -> None:
-        async with _guard():
+        async with _guard(self._errors):
             await self._r.hdel(keys.META, "complete")
+            async with self._r.pipeline(transaction=False) as pipe:
+                for meta in keys.BUCKET_METAS:
+                    pipe.hdel(meta, "complete")
+                await pipe.execute()
 
     # -- rebuild --------------------------------------------------------------
 
     async def begin_rebuild(self, lease_s: float) -> str | None:
         generation = secrets.token_hex(8)
-        async with _guard():
+        async with _guard(self._errors):
             if not await self._r.set(
                 keys.REBUILD_LEASE, generation, nx=True, px=int(lease_s * 1000)
             ):
                 return None
-            # `building` lives in the meta hash, so a FLUSHALL during the rebuild
-            # erases it and the rebuild cannot mark an incomplete copy as complete.
+            # `building` lives in the meta hashes, so a FLUSHALL (or a shard restart)
+            # during the rebuild erases it and the rebuild cannot mark an incomplete
+            # copy as complete.
             await self._r.hset(keys.META, "building", generation)
+            async with self._r.pipeline(transaction=False) as pipe:
+                for meta in keys.BUCKET_METAS:
+                    pipe.hset(meta, "building", generation)
+                await pipe.execute()
         return generation
 
     async def renew_rebuild(self, generation: str, lease_s: float) -> bool:
-        async with _guard():
+        async with _guard(self._errors):
             return bool(
-                await self._renew(keys=[keys.REBUILD_LEASE], args=[generation, int(lease_s * 1000)])
+                await self._call(
+                    self._renew, [keys.REBUILD_LEASE], [generation, int(lease_s * 1000)]
+                )
             )
 
     async def finish_rebuild(self, generation: str) -> bool:
-        async with _guard():
-            run_id = await self._run_id()
+        async with _guard(self._errors):
+            run_ids = await self._run_ids()
+            marked = all(await self._each_bucket(self._mark_bucket, [generation]))
             return bool(
-                await self._finish(keys=[keys.META, keys.REBUILD_LEASE], args=[generation, run_id])
+                await self._call(
+                    self._finish,
+                    [keys.META, keys.REBUILD_LEASE],
+                    [generation, run_ids, "1" if marked else "0"],
+                )
             )
 
-    async def _run_id(self) -> str:
+    async def _run_ids(self) -> str:
+        """The run id of every server (every master on a cluster): any restart changes it."""
+        if isinstance(self._r, RedisCluster):
+            infos = await self._r.info("server", target_nodes=RedisCluster.PRIMARIES)
+            return ",".join(sorted(str(info["run_id"]) for info in infos.values()))
         info = await self._r.info("server")
         return str(info["run_id"])
 
@@ -339,7 +486,7 @@ class RedisCache:
         await self.write_ledger([(cid, promo_id, until) for cid in customer_ids])
 
     async def write_ledger(self, rows: Sequence[tuple[int, str, float]]) -> None:
-        async with _guard():
+        async with _guard(self._errors):
             for start in range(0, len(rows), 10_000):
                 async with self._r.pipeline(transaction=False) as pipe:
                     for cid, promo, until in rows[start : start + 10_000]:
@@ -351,9 +498,11 @@ class RedisCache:
                     await pipe.execute()
 
     async def synced_count(self, customer_id: int, now: float) -> int | None:
-        async with _guard():
-            count = await self._count_synced(
-                keys=[keys.META, keys.synced(customer_id)], args=[f"({now!r}"]
+        async with _guard(self._errors):
+            count = await self._call(
+                self._count_synced,
+                [keys.meta_of(customer_id), keys.synced(customer_id)],
+                [f"({now!r}"],
             )
         return None if count is None else int(count)
 
@@ -361,7 +510,7 @@ class RedisCache:
 
     async def versions(self, user_ids: Sequence[int]) -> list[int | None]:
         """The version each user's key holds (None: no key)."""
-        async with _guard(), self._r.pipeline(transaction=False) as pipe:
+        async with _guard(self._errors), self._r.pipeline(transaction=False) as pipe:
             for uid in user_ids:
                 pipe.zscore(keys.user(uid), "v")
             scores = await pipe.execute()
@@ -370,7 +519,7 @@ class RedisCache:
     async def record_reconcile(self, found: int, repaired: int, confirmed_at: float | None) -> None:
         """Divergence counters and the last time the copy was confirmed consistent
         (LaunchDarkly's ``synchronized_on``), kept in the meta hash for every process."""
-        async with _guard(), self._r.pipeline(transaction=True) as pipe:
+        async with _guard(self._errors), self._r.pipeline(transaction=True) as pipe:
             pipe.hincrby(keys.META, "divergence_found", found)
             pipe.hincrby(keys.META, "divergence_repaired", repaired)
             if confirmed_at is not None:
@@ -378,7 +527,7 @@ class RedisCache:
             await pipe.execute()
 
     async def freshness(self) -> dict[str, float]:
-        async with _guard():
+        async with _guard(self._errors):
             raw = await self._r.hmget(
                 keys.META, ["synchronized_on", "divergence_found", "divergence_repaired"]
             )

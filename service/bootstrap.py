@@ -65,6 +65,7 @@ async def build(settings: Settings) -> Container:
         timeout_s=settings.redis_timeout_s,
         pool_size=settings.redis_pool_size,
         pipelined_reads=settings.redis_pipelined_reads,
+        cluster=settings.redis_cluster,
     )
     await cache.start()
     segments = SegmentService(

@@ -634,6 +634,71 @@ class EmbeddedValkey(EmbeddedServer):
         return self._proc is not None and f"process_id:{self._proc.pid}\r\n".encode() in info
 
 
+class EmbeddedValkeyClusterNode(EmbeddedValkey):
+    """One master of an :class:`EmbeddedValkeyCluster` (in memory, no persistence)."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        super().__init__(data_dir, port, persistent=False)
+        # Its own bus port: the default (port + 10000) may be taken or out of range.
+        self.bus_port = free_port()
+
+    def _command(self) -> list[str]:
+        return [
+            *super()._command(),
+            "--cluster-enabled", "yes",
+            "--cluster-port", str(self.bus_port),
+            "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+            "--cluster-node-timeout", "2000",
+        ]  # fmt: skip
+
+
+class EmbeddedValkeyCluster:
+    """A Redis Cluster of ``masters`` Valkey masters on loopback (no replicas), for
+    tests: ``url`` names the first node, the client discovers the others."""
+
+    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+        self.nodes = [
+            EmbeddedValkeyClusterNode(Path(data_dir) / f"node{i}", free_port())
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30) -> None:
+        for node in self.nodes:
+            node.data_dir.mkdir(parents=True, exist_ok=True)
+            node.start(timeout)
+        cli = str(Path(_valkey_server_bin()).with_name("valkey-cli"))
+        addresses = [f"{LOOPBACK}:{node.port}" for node in self.nodes]
+        # Our own bundled binary with a fixed argv, no shell.
+        subprocess.run(  # nosec B603
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while not all(self._state_ok(node.port) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Valkey cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _state_ok(port: int) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
+                sock.sendall(b"CLUSTER INFO\r\n")
+                return b"cluster_state:ok" in sock.recv(4096)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 class EmbeddedBroker(EmbeddedServer):
     """Tansu, a Kafka-protocol broker, with its in-memory storage engine.
 

@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_pool_size: int = 64
     # The hot read goes through one auto-pipelined connection (cache/pipelined.py).
     redis_pipelined_reads: bool = True
+    # A Redis Cluster: the URL names any one node; the client discovers the rest.
+    redis_cluster: bool = False
     # Reads served from PostgreSQL while the cache is incomplete are bounded, so a
     # cold cache cannot exhaust the database pool.
     fallback_concurrency: int = 16
@@ -146,6 +148,8 @@ DOCS: dict[str, str] = {
     "redis_timeout_s": "Redis connect/read timeout; past it reads fall back to PostgreSQL",
     "redis_pool_size": "redis-py connections per process (writes, rebuilds, scripts)",
     "redis_pipelined_reads": "hot reads through one auto-pipelined connection",
+    "redis_cluster": "`SEGMENTS_REDIS_URL` is a node of a Redis Cluster (reads then go through "
+    "redis-py's cluster client, without the pipelined connection)",
     "fallback_concurrency": "reads answered from PostgreSQL at once while the cache is incomplete",
     "rebuild_batch": "users per batch when rebuilding the cache",
     # "report_secret": set below.

@@ -205,8 +205,10 @@ class SegmentService:
             return await self._read_many_from_store(unique, now)
         self.reads_from_cache += 1
         registry = self._registry
-        if cached and cached[0].registry_version != registry.version:
-            registry = await self._refresh_registry(cached[0].registry_version)
+        # Buckets take a registry change one after another: follow the newest seen.
+        newest = max((c.registry_version for c in cached), default=registry.version)
+        if newest != registry.version:
+            registry = await self._refresh_registry(newest)
         return {
             uid: rules.visible_slugs(registry, uid, c.member_ids, c.excluded_ids)
             for uid, c in zip(unique, cached, strict=True)
