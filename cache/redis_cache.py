@@ -12,7 +12,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as redis
@@ -274,7 +274,8 @@ class RedisCache:
         try:
             return await self._r.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
         except redis_errors.NoScriptError:
-            return await self._r.eval(script.script, len(call_keys), *call_keys, *call_args)
+            text = cast(str, script.script)  # registered from our own str constants
+            return await self._r.eval(text, len(call_keys), *call_keys, *call_args)
 
     async def _script_calls(
         self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
