@@ -17,21 +17,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
 
-from bench.measure import median
+from bench.measure import cpu_seconds, median
 from bench.stack import bench_stack
 from bench.wrk import WrkResult, run_wrk
 from service.bootstrap import build
-from service.devstack import free_port
+from service.devstack import descendants, free_port
 from service.settings import load_settings
 
 SEGMENTS = 20
@@ -81,7 +83,7 @@ async def seed(env: dict[str, str], users: int) -> dict[str, float]:
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str], port: int) -> Iterator[None]:
+def process(args: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -95,7 +97,7 @@ def process(args: list[str], env: dict[str, str], port: int) -> Iterator[None]:
                 assert proc.poll() is None, "server exited"
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(15)
@@ -103,6 +105,39 @@ def process(args: list[str], env: dict[str, str], port: int) -> Iterator[None]:
 
 def api(env: dict[str, str], port: int, workers: int = 1) -> list[str]:
     return ["-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)]
+
+
+@dataclass(frozen=True)
+class Cores:
+    """CPU used during a wrk run, in cores (CPU seconds per second)."""
+
+    api: float
+    valkey: float
+    wrk: float
+
+    @property
+    def total(self) -> float:
+        return self.api + self.valkey + self.wrk
+
+
+def measure_cpu(
+    port: int, users: int, seconds: int, api_pid: int, valkey_pid: int
+) -> tuple[WrkResult, Cores]:
+    """A measured run, with the CPU each party used: on a 2-core machine the load
+    generator and Valkey share the cores with the API workers."""
+    run_wrk(f"http://127.0.0.1:{port}/v1/users/1/segments", users=users, seconds=2)
+    api_pids = [api_pid, *descendants(api_pid)]  # the supervisor and its workers
+    before = cpu_seconds([*api_pids, valkey_pid])
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    result = run_wrk(f"http://127.0.0.1:{port}/v1/users/1/segments", users=users, seconds=seconds)
+    elapsed = time.monotonic() - started
+    after = cpu_seconds([*api_pids, valkey_pid])
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+    api = sum(after[p] - before.get(p, 0.0) for p in api_pids if p in after)
+    valkey = after.get(valkey_pid, 0.0) - before.get(valkey_pid, 0.0)
+    return result, Cores(api / elapsed, valkey / elapsed, wrk / elapsed)
 
 
 def measure(port: int, users: int, seconds: int) -> WrkResult:
@@ -177,12 +212,16 @@ def main() -> None:
                         _segments(port, "DELETE", None, f"AUTO_{i}")
                     autos.append((plain, with_auto))
             workers: list[tuple[WrkResult, WrkResult]] = []
+            cores: list[tuple[Cores, Cores]] = []
+            valkey_pid = stack.valkey.pid
+            assert valkey_pid is not None
             for _ in range(a.rounds):
-                with process(api(env, port), env, port):
-                    one_w = measure(port, a.users, a.seconds)
-                with process(api(env, port, workers=2), env, port):
-                    two_w = measure(port, a.users, a.seconds)
+                with process(api(env, port), env, port) as proc:
+                    one_w, one_c = measure_cpu(port, a.users, a.seconds, proc.pid, valkey_pid)
+                with process(api(env, port, workers=2), env, port) as proc:
+                    two_w, two_c = measure_cpu(port, a.users, a.seconds, proc.pid, valkey_pid)
                 workers.append((one_w, two_w))
+                cores.append((one_c, two_c))
     bare = max((r[0] for r in rounds), key=lambda r: r.rps)
     one = max((r[1] for r in rounds), key=lambda r: r.rps)
     two = max((w[1] for w in workers), key=lambda r: r.rps)
@@ -200,6 +239,20 @@ def main() -> None:
         f"  = {ratio:.2f}x ceiling"
     )
     print(f"  API, 2 workers            {two.rps:>9,.0f} req/s  = {worker_ratio:.2f}x one worker")
+    # Cores are the limit here: at one worker's CPU cost per request (API + Valkey +
+    # wrk), this machine's cores could serve at most this many times one worker.
+    one_c = min((c[0] for c in cores), key=lambda c: c.total)
+    two_c = max((c[1] for c in cores), key=lambda c: c.total)
+    bound = median([(os.cpu_count() or 1) / c[0].total for c in cores])
+    print(
+        f"    cores used, 1 worker:   API {one_c.api:.2f}, Valkey {one_c.valkey:.2f}, "
+        f"wrk {one_c.wrk:.2f} = {one_c.total:.2f} of {os.cpu_count()}"
+    )
+    print(
+        f"    cores used, 2 workers:  API {two_c.api:.2f}, Valkey {two_c.valkey:.2f}, "
+        f"wrk {two_c.wrk:.2f} = {two_c.total:.2f}"
+    )
+    print(f"    most 2 workers could reach on these cores: {bound:.2f}x one worker")
     print(f"  API, 1 worker, +20 auto   {auto.rps:>9,.0f} req/s  = {auto_ratio:.2f}x without")
     print(f"  batch reads (1,000 ids)   {lookups:>9,.0f} user lookups/s")
     print(

@@ -142,7 +142,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Live descendants of ``pid`` (Linux only; elsewhere an empty list).
 
     Needed because PostgreSQL children call setsid(): they are neither in the postmaster's
@@ -180,7 +180,7 @@ def _freeze_tree(pid: int) -> list[int]:
         if time.monotonic() > deadline:
             break
         time.sleep(0.001)
-    tree = [pid, *_descendants(pid)]
+    tree = [pid, *descendants(pid)]
     _signal(tree[1:], signal.SIGSTOP)
     return tree
 
@@ -262,7 +262,7 @@ class EmbeddedServer:
     def pids(self) -> list[int]:
         """The server process and its live descendants (e.g. PostgreSQL backends)."""
         pid = self.pid
-        return [] if pid is None else [pid, *_descendants(pid)]
+        return [] if pid is None else [pid, *descendants(pid)]
 
     def start(self, timeout: float = 30) -> None:
         """Start the server and block until it answers requests. No-op when running."""
