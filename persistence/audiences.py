@@ -288,11 +288,22 @@ class PgAudienceStore:
         async with self._pg.connection() as conn:
             # A session-level lock: it spans the CP calls, which must not run inside
             # a transaction.  Concurrent syncs of one promo queue here.
-            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", promo_id)
+            unlocked = False
             try:
-                yield PgSyncSession(conn, promo_id)
+                await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", promo_id)
+                try:
+                    yield PgSyncSession(conn, promo_id)
+                finally:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended($1, 0))", promo_id
+                    )
+                    unlocked = True
             finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", promo_id)
+                if not unlocked:
+                    # The lock may be held (e.g. cancelled while locking or unlocking)
+                    # and the pool does not reset sessions (PgStore.connect): close the
+                    # session, which releases it, rather than hand it to another caller.
+                    conn.terminate()
 
     async def unfinished_syncs(
         self, older_than_s: float, max_attempts: int

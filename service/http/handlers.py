@@ -58,14 +58,19 @@ async def decode(request: web.Request, kind: type[T], max_bytes: int) -> T:
         raise ApiError(
             "payload_too_large", f"the body is limited to {max_bytes} bytes", {"limit": max_bytes}
         )
-    try:
-        # A client that trickles its body must not hold the worker for long.
-        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
-            raw = await request.read()
-    except TimeoutError:
-        raise ApiError(
-            "request_timeout", f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s"
-        ) from None
+    if request.content.is_eof():
+        # The whole body came with the headers (the usual small JSON body): nothing to
+        # wait for, so no timer (asyncio.timeout costs 4.3 us, ~1% of a write).
+        raw = await request.read()
+    else:
+        try:
+            # A client that trickles its body must not hold the worker for long.
+            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(
+                "request_timeout", f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s"
+            ) from None
     if len(raw) > max_bytes:
         raise ApiError(
             "payload_too_large", f"the body is limited to {max_bytes} bytes", {"limit": max_bytes}

@@ -22,9 +22,13 @@ def change(uid: int, add: list[str] = [], remove: list[str] = []) -> UserChange:
     return UserChange(uid, tuple(AddItem(s) for s in add), tuple(remove))
 
 
-async def history(db: asyncpg.Connection, uid: int) -> list[tuple[str, str, str]]:
+async def history(
+    db: asyncpg.Connection, uid: int, by_time: bool = False
+) -> list[tuple[str, str, str]]:
+    order = "occurred_at, id" if by_time else "id"
     rows = await db.fetch(
-        "SELECT slug, operation, cause FROM membership_history WHERE user_id = $1 ORDER BY id",
+        "SELECT slug, operation, cause FROM membership_history WHERE user_id = $1"
+        f" ORDER BY {order}",  # nosec B608: one of two constant strings
         uid,
     )
     return [(r["slug"], r["operation"], r["cause"]) for r in rows]
@@ -88,6 +92,37 @@ async def test_delete_racing_an_add_never_leaves_a_member(store: PgStore) -> Non
         assert not isinstance(results[1], Exception)
         state = await store.user_state(round_ + 1)
         assert state.memberships == ()
+
+
+async def test_concurrent_changes_of_one_user_apply_one_after_another(
+    store: PgStore, db: asyncpg.Connection
+) -> None:
+    """Most of these conflict on the user's version: they are read again, and after two
+    conflicts take the user's row lock.  Each applies to the state the previous one
+    left: versions are distinct, history replays (by time) into the stored state."""
+    slugs = ["A", "B", "C", "D"]
+    for slug in slugs:
+        await store.create_segment(slug, "", None)
+    changes = [
+        change(9, [slugs[i % 4], slugs[(i + 1) % 4]], [slugs[(i + 2) % 4]]) for i in range(24)
+    ]
+    applied = await asyncio.gather(
+        *(store.apply_change(c, [None] * len(c.add)) for c in changes),
+        store.update_segment("C", description="racing", auto_bp=None, set_auto=False),
+    )
+    versions = [a.state.version for a in applied[:-1]]  # type: ignore[union-attr]
+    assert len(set(versions)) == len(versions)
+    assert await db.fetchval("SELECT version FROM user_versions WHERE user_id = 9") == max(versions)
+    assert await db.fetchval("SELECT count(*) FROM cache_outbox WHERE user_id = 9") == 24
+    members: set[str] = set()
+    for slug, operation, _ in await history(db, 9, by_time=True):
+        assert (slug in members) == (operation == "remove")
+        (members.add if operation == "add" else members.discard)(slug)
+    stored = await db.fetch(
+        "SELECT s.slug FROM memberships m JOIN segments s ON s.id = m.segment_id"
+        " WHERE m.user_id = 9"
+    )
+    assert members == {r["slug"] for r in stored}
 
 
 async def test_user_states_pages_through_everyone(store: PgStore) -> None:
