@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,6 @@ from service.domain.errors import CacheUnavailable
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.audience_handlers import AudienceHandlers
-from service.http.errors import error_middleware
 from service.http.handlers import Handlers
 from service.http.middleware import Auth, RateLimit, observe, parse_tokens
 from service.http.openapi import build_openapi
@@ -25,7 +25,9 @@ from service.observability import (
     DIVERGENCE_FOUND,
     DIVERGENCE_REPAIRED,
     SYNC_AGE,
+    flush_request_metrics,
     metrics_text,
+    run_request_metrics_flush,
 )
 from service.settings import Settings
 
@@ -103,6 +105,15 @@ class Probes:
         return web.json_response({"status": status, "checks": checks}, status=code)
 
 
+async def _flush_request_metrics(app: web.Application) -> AsyncIterator[None]:
+    """Request metrics reach prometheus-client every second, and once more at exit."""
+    task = asyncio.create_task(run_request_metrics_flush())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(
     *,
     segments: SegmentService,
@@ -113,7 +124,7 @@ def create_app(
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that our handlers give the JSON 413.
     limit = max(settings.max_body_bytes, settings.max_audience_body_bytes)
-    middlewares = [observe, error_middleware]
+    middlewares = [observe]
     callers = parse_tokens(settings.auth_tokens)
     if callers:
         middlewares.append(Auth(callers, settings.auth_open_reads).middleware)
@@ -121,6 +132,7 @@ def create_app(
         burst = settings.rate_limit_burst or 2 * settings.rate_limit_per_s
         middlewares.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
     app = web.Application(middlewares=middlewares, client_max_size=limit * 2)
+    app.cleanup_ctx.append(_flush_request_metrics)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     a = AudienceHandlers(audiences, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
@@ -131,6 +143,7 @@ def create_app(
 
     async def metrics(request: web.Request) -> web.Response:
         await probes.refresh_gauges()
+        flush_request_metrics()
         body, content_type = metrics_text()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

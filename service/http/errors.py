@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -59,22 +58,20 @@ def error_response(
     )
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def error_for(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer to an exception a handler raised.
 
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DomainError as exc:
+    Called by the request middleware (``service/http/middleware.py: observe``, one layer
+    for errors, request ids, logs and metrics).  An HTTPException without a JSON form
+    here (a redirect, a static file's 304, ...) is re-raised for aiohttp to send as is.
+    """
+    if isinstance(exc, DomainError | ApiError):
         return error_response(exc.code, exc.message, exc.details)
-    except ApiError as exc:
-        return error_response(exc.code, exc.message, exc.details)
-    except web.HTTPRequestEntityTooLarge as exc:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response("payload_too_large", exc.text or "request body too large")
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return error_response("not_found", f"no route for {request.path}")
-    except web.HTTPMethodNotAllowed as exc:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         response = error_response(
             "method_not_allowed",
             f"{request.method} is not allowed here",
@@ -82,8 +79,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response
-    except web.HTTPException:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response("internal_error", "internal error; it has been logged")
+    if isinstance(exc, web.HTTPException):
+        raise exc
+    log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response("internal_error", "internal error; it has been logged")

@@ -1,5 +1,5 @@
-"""Request middleware: request ids, access logs and metrics; bearer-token auth with
-scopes; per-caller rate limits.  Errors leave as the usual JSON error body."""
+"""Request middleware: errors as JSON, request ids, access logs and metrics (one layer);
+bearer-token auth with scopes; per-caller rate limits."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from time import perf_counter
 
 import msgspec
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
-from service.http.errors import error_response
-from service.observability import LATENCY, REQUESTS
+from service.http.errors import error_for, error_response
+from service.observability import RequestMetrics
 
 log = logging.getLogger("segments.access")
 
@@ -27,13 +27,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 CALLER = web.RequestKey("caller", str)
-
-
-def _route(request: web.Request) -> str:
-    info = request.match_info
-    if info.http_exception is not None or info.route.resource is None:
-        return "unmatched"
-    return info.route.resource.canonical
 
 
 # Request ids: a random per-process prefix and a counter are unique enough and cost
@@ -50,31 +43,53 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ids):08x}"
 
 
-# Label children resolved once per (method, route, status): prometheus-client's
-# labels() lookup costs more than the increment itself.
-_requests: dict[tuple[str, str, int], Counter] = {}
-_latency: dict[tuple[str, str], Histogram] = {}
+# Keyed by (route object, method): a matched route is the same object on every request
+# and lives as long as the app, so the table is bounded.  An unmatched request brings a
+# new route object each time: those go to one entry per method.
+_metrics: dict[tuple[object, str], RequestMetrics] = {}
+_unmatched: dict[str, RequestMetrics] = {}
 
 
-def _record(method: str, route: str, status: int, elapsed: float) -> None:
-    counter = _requests.get((method, route, status))
-    if counter is None:
-        counter = _requests[(method, route, status)] = REQUESTS.labels(method, route, str(status))
-    counter.inc()
-    histogram = _latency.get((method, route))
-    if histogram is None:
-        histogram = _latency[(method, route)] = LATENCY.labels(method, route)
-    histogram.observe(elapsed)
+def _route_metrics(request: web.Request) -> RequestMetrics:
+    info = request.match_info
+    method = request.method
+    metrics = _metrics.get((info.route, method))
+    if metrics is not None:
+        return metrics
+    route = info.route
+    if info.http_exception is not None or route.resource is None:
+        metrics = _unmatched.get(method)
+        if metrics is None:
+            metrics = _unmatched[method] = RequestMetrics(method, "unmatched")
+        return metrics
+    metrics = _metrics[(route, method)] = RequestMetrics(method, route.resource.canonical)
+    return metrics
 
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id (taken from X-Request-Id or made), one access-log line, metrics."""
+    """The one layer every request goes through: errors as JSON (``errors.error_for``),
+    the request id (taken from X-Request-Id or made), one access-log line, metrics.
+
+    Made cheaper for the read path: one middleware rather than two (observe + errors),
+    the route's metrics found once per route, and counted in plain numbers that reach
+    prometheus-client at scrape time (``RequestMetrics``).  Measured under wrk (one
+    stack, API servers side by side, 8 alternating rounds), API CPU a request over no
+    middleware at all: 13.0 us before, 6.7 us after (16,263 -> 18,146 req/s; none:
+    20,759).  In-process (``app._handle`` on a mocked GET): 9.3-9.6 us -> 7.3-7.6 us,
+    no middleware 4.5 us; merging alone gave 8.5-8.9 us.  Wrapping each route's handler
+    instead (no aiohttp middleware at all) saved another ~1.5 us in-process, but
+    404/405 would then need a catch-all route or aiohttp's deprecated custom router,
+    and auth and rate limits would move into the wrapper: not done.
+    """
     request_id = _request_id(request)
-    started = time.perf_counter()
+    started = perf_counter()
     status = 500
     try:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except Exception as exc:  # error_for answers, or re-raises for aiohttp
+            response = error_for(request, exc)
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response
@@ -83,27 +98,33 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         exc.headers["X-Request-Id"] = request_id
         raise
     finally:
-        elapsed = time.perf_counter() - started
-        route = _route(request)
-        _record(request.method, route, status, elapsed)
+        elapsed = perf_counter() - started
+        metrics = _route_metrics(request)
+        metrics.record(status, elapsed)
         if log.isEnabledFor(logging.INFO):
-            # Ids in paths are the only personal data here; bodies are never logged.
-            log.info(
-                "%s %s %d %.1fms",
-                request.method,
-                route,
-                status,
-                elapsed * 1000,
-                extra={
-                    "request_id": request_id,
-                    "method": request.method,
-                    "route": route,
-                    "path": request.path,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "caller": request.get(CALLER, None),
-                },
-            )
+            _access_log(request, metrics.route, request_id, status, elapsed)
+
+
+def _access_log(
+    request: web.Request, route: str, request_id: str, status: int, elapsed: float
+) -> None:
+    # Ids in paths are the only personal data here; bodies are never logged.
+    log.info(
+        "%s %s %d %.1fms",
+        request.method,
+        route,
+        status,
+        elapsed * 1000,
+        extra={
+            "request_id": request_id,
+            "method": request.method,
+            "route": route,
+            "path": request.path,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+            "caller": request.get(CALLER, None),
+        },
+    )
 
 
 class Caller(msgspec.Struct, frozen=True):
