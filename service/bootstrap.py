@@ -7,6 +7,7 @@ connects at import time; ``build`` does, when a process starts.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 from dataclasses import dataclass
@@ -98,6 +99,12 @@ async def build(settings: Settings) -> Container:
     )
     segments.add_rebuild_phase(audiences.rebuild_counters)
     reconciler = Reconciler(store, cache, segments, audiences, audience_store)
+    # Everything built so far (modules, the app's objects) lives as long as the process:
+    # keep it out of the cyclic collector's full passes.  Those passes rescanned it
+    # while a cache rebuild allocated millions of objects: a rebuild of 100,000 users
+    # went from 94-132k to 146-183k memberships/s (py-spy had ~70% of it in them).
+    gc.collect()
+    gc.freeze()
     return Container(
         settings, store, cache, segments, reports, audience_store, audiences, cp, reconciler
     )
