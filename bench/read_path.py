@@ -239,6 +239,8 @@ def main() -> None:
         f"  = {ratio:.2f}x ceiling"
     )
     print(f"  API, 2 workers            {two.rps:>9,.0f} req/s  = {worker_ratio:.2f}x one worker")
+    rounds_text = ", ".join(f"{o.rps:,.0f} -> {t.rps:,.0f}" for o, t in workers)
+    print(f"    rounds (1 -> 2 workers): {rounds_text}")
     # Cores are the limit here: at one worker's CPU cost per request (API + Valkey +
     # wrk), this machine's cores could serve at most this many times one worker.
     one_c = min((c[0] for c in cores), key=lambda c: c.total)
