@@ -18,19 +18,15 @@ import argparse
 import asyncio
 import os
 import resource
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import asyncpg
 import orjson
 
 from bench.measure import cpu_seconds, median
-from bench.stack import bench_stack
+from bench.stack import bench_stack, server
 from bench.wrk import WrkResult, run_wrk
 from service.bootstrap import build
 from service.devstack import descendants, free_port
@@ -80,27 +76,6 @@ async def seed(env: dict[str, str], users: int) -> dict[str, float]:
         }
     finally:
         await container.close()
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/users/1/segments", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, "server exited"
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def api(env: dict[str, str], port: int, workers: int = 1) -> list[str]:
@@ -195,8 +170,8 @@ def main() -> None:
         seeded = asyncio.run(seed(env, a.users))
         port, bare_port = free_port(), free_port()
         rounds: list[tuple[WrkResult, WrkResult]] = []
-        with process(["-m", "bench.bare_server", str(bare_port)], env, bare_port):
-            with process(api(env, port), env, port):
+        with server(["-m", "bench.bare_server", str(bare_port)], env, bare_port):
+            with server(api(env, port), env, port):
                 for _ in range(a.rounds):
                     rounds.append(
                         (measure(bare_port, a.users, a.seconds), measure(port, a.users, a.seconds))
@@ -216,9 +191,9 @@ def main() -> None:
             valkey_pid = stack.valkey.pid
             assert valkey_pid is not None
             for _ in range(a.rounds):
-                with process(api(env, port), env, port) as proc:
+                with server(api(env, port), env, port) as proc:
                     one_w, one_c = measure_cpu(port, a.users, a.seconds, proc.pid, valkey_pid)
-                with process(api(env, port, workers=2), env, port) as proc:
+                with server(api(env, port, workers=2), env, port) as proc:
                     two_w, two_c = measure_cpu(port, a.users, a.seconds, proc.pid, valkey_pid)
                 workers.append((one_w, two_w))
                 cores.append((one_c, two_c))

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +26,32 @@ def bench_stack() -> Iterator[EmbeddedStack]:
             yield stack
         finally:
             stack.stop()
+
+
+@contextlib.contextmanager
+def server(
+    args: list[str], env: dict[str, str], port: int, log: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server subprocess of this interpreter, up once it answers HTTP at all (any
+    status); stderr to ``log``.  Terminated on exit."""
+    err = subprocess.DEVNULL if log is None else open(log, "wb")  # noqa: SIM115
+    # Our own interpreter and modules with fixed arguments, no shell.
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=err)  # nosec B603
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)  # nosec B310
+                break
+            except urllib.error.HTTPError:
+                break  # 404 for "/": the server answers
+            except OSError:
+                assert proc.poll() is None, "server exited"
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if log is not None:
+            err.close()  # type: ignore[union-attr]

@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import asyncpg
 import orjson
 
 from bench.measure import cpu_seconds, median
-from bench.stack import bench_stack
+from bench.stack import bench_stack, server
 from bench.wrk import WrkResult, run_script
 from service.devstack import EmbeddedPostgres, free_port
 from service.settings import Settings
@@ -94,34 +90,6 @@ def ceiling_server(port: int, dsn: str, pool_size: int) -> None:
 
 
 # -- running things ---------------------------------------------------------------------
-
-
-@contextmanager
-def process(
-    args: list[str], env: dict[str, str], port: int, log: str | None = None
-) -> Iterator[int]:
-    """A server subprocess (yields its pid), up once it answers HTTP at all (any status);
-    stderr to ``log``."""
-    err = subprocess.DEVNULL if log is None else open(log, "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break  # 404 for "/": the server answers
-            except OSError:
-                assert proc.poll() is None, "server exited"
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
-        yield proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        if log is not None:
-            err.close()  # type: ignore[union-attr]
 
 
 async def in_a(dsn: str) -> list[int]:
@@ -280,17 +248,17 @@ def main() -> None:
         api_cmd = ["-m", "service.cli", "serve", "--port", str(port), "--workers", "1"]
         api_log = os.path.join(stack.root, "api.log")
         with (
-            process(ceiling_cmd, env, bare_port) as bare_pid,
-            process(api_cmd, env, port, api_log) as api_pid,
+            server(ceiling_cmd, env, bare_port) as bare,
+            server(api_cmd, env, port, api_log) as api,
         ):
             for slug in ("A", "B"):
                 post_json(port, "/v1/segments", {"slug": slug})
             for i in range(a.rounds):
                 ceiling = measure(
-                    bare_port, a.users, a.seconds, 11 + i, None, bare_pid, stack.postgres
+                    bare_port, a.users, a.seconds, 11 + i, None, bare.pid, stack.postgres
                 )
                 api = measure(
-                    port, a.users, a.seconds, 23 + i, stack.postgres.url, api_pid, stack.postgres
+                    port, a.users, a.seconds, 23 + i, stack.postgres.url, api.pid, stack.postgres
                 )
                 rounds.append((ceiling, api))
                 print(
