@@ -338,8 +338,8 @@ class SegmentService:
             for phase in self._rebuild_phases:
                 await phase()
             done = await self._cache.finish_rebuild(generation)
-        except CacheUnavailable:
-            log.warning("cache rebuild interrupted: Redis unavailable")
+        except CacheUnavailable as exc:
+            log.warning("cache rebuild interrupted: Redis unavailable (%s)", exc)
             return False
         except Exception:
             log.exception("cache rebuild failed")
