@@ -62,16 +62,27 @@ if not redis.call('HGET', KEYS[1], 'complete') then return false end
 return redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
 """
 
-# ARGV: version, pexpireat-ms (0: persist), then score/member pairs.
-_WRITE_USER = """
-local cur = redis.call('ZSCORE', KEYS[1], 'v')
-if cur and -tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZADD', KEYS[1], -tonumber(ARGV[1]), 'v')
-for i = 3, #ARGV, 1000 do
-  redis.call('ZADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+# KEYS: users (one slot on a cluster).  ARGV, per user: version, pexpireat-ms (0:
+# persist), the number of score/member arguments, then those.  A user's set is replaced
+# only by a newer version.  Many users a call: one call per user cost a cache rebuild
+# more in call overhead (a future, a timer, a reply each) than the writes themselves.
+_WRITE_USERS = """
+local a = 1
+for i = 1, #KEYS do
+  local version = tonumber(ARGV[a])
+  local expire_at = ARGV[a + 1]
+  local last = a + 2 + tonumber(ARGV[a + 2])
+  local cur = redis.call('ZSCORE', KEYS[i], 'v')
+  if not cur or -tonumber(cur) < version then
+    redis.call('DEL', KEYS[i])
+    redis.call('ZADD', KEYS[i], -version, 'v')
+    for j = a + 3, last, 1000 do
+      redis.call('ZADD', KEYS[i], unpack(ARGV, j, math.min(j + 999, last)))
+    end
+    if expire_at ~= '0' then redis.call('PEXPIREAT', KEYS[i], expire_at) end
+  end
+  a = last + 1
 end
-if ARGV[2] ~= '0' then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
 return 1
 """
 
@@ -171,21 +182,40 @@ def _cached_user(registry_version: int, items: Sequence[bytes]) -> CachedUser:
     return CachedUser(registry_version, tuple(members), tuple(excluded))
 
 
-def _user_args(state: UserState, now: float) -> list[Any]:
-    args: list[Any] = [state.version, 0]
+def _user_args(state: UserState, now: float, out: list[Any]) -> None:
+    """Append one user's arguments for _WRITE_USERS to ``out``."""
+    pairs: list[Any] = []
     latest = 0.0
     for m in state.memberships:
-        args += [_score(m.expires_at), m.segment_id]
+        pairs += [_score(m.expires_at), m.segment_id]
         latest = max(latest, m.expires_at)
     for sid in state.excluded:
-        args += ["+inf", f"x{sid}"]
+        pairs += ["+inf", f"x{sid}"]
         latest = NEVER
-    if latest != NEVER:
-        args[1] = int(max(latest, now + MIN_KEY_TTL_S) * 1000)
-    return args
+    expire_at = 0 if latest == NEVER else int(max(latest, now + MIN_KEY_TTL_S) * 1000)
+    out += [state.version, expire_at, len(pairs), *pairs]
+
+
+def _write_calls(
+    states: Sequence[UserState], now: float, per_call: int
+) -> list[tuple[list[str], list[Any]]]:
+    """(keys, args) of _WRITE_USERS calls, ``per_call`` users each."""
+    calls = []
+    for i in range(0, len(states), per_call):
+        call_keys: list[str] = []
+        args: list[Any] = []
+        for state in states[i : i + per_call]:
+            call_keys.append(keys.user(state.user_id))
+            _user_args(state, now, args)
+        calls.append((call_keys, args))
+    return calls
 
 
 Client = redis.Redis | RedisCluster
+
+# Users per write call: large enough that the per-call overhead vanishes, small enough
+# that one call (about 5 us of Redis time a user) never holds Redis for long.
+_USERS_PER_CALL = 100
 
 # Script calls in flight at once on a cluster (bounded by the client's pool anyway).
 _CLUSTER_CONCURRENCY = 64
@@ -204,7 +234,7 @@ class RedisCache:
         self._errors = _ERRORS + _CLUSTER_CLIENT_FAULTS if self._cluster else _ERRORS
         self._fast = fast
         self._read = client.register_script(_READ)
-        self._write_user = client.register_script(_WRITE_USER)
+        self._write_users = client.register_script(_WRITE_USERS)
         self._write_registry = client.register_script(_WRITE_REGISTRY)
         self._read_registry = client.register_script(_READ_REGISTRY)
         self._bump_registry = client.register_script(_BUMP_REGISTRY)
@@ -394,25 +424,32 @@ class RedisCache:
                 # redis-py call (bench/redis_clients.py: 3.7-4.5x the throughput).
                 # Bulk writes go in slices, so that no reply waits behind so many
                 # others that it outlasts the read timeout.
-                sha = self._write_user.sha
+                sha = self._write_users.sha
+                calls = _write_calls(states, now, _USERS_PER_CALL)
                 try:
-                    for i in range(0, len(states), 500):
+                    for i in range(0, len(calls), 10):
                         await asyncio.gather(
-                            *(
-                                self._fast.evalsha(sha, [keys.user(s.user_id)], _user_args(s, now))
-                                for s in states[i : i + 500]
-                            )
+                            *(self._fast.evalsha(sha, k, a) for k, a in calls[i : i + 10])
                         )
                     return
                 except redis_errors.NoScriptError:
                     # A restarted server forgot its scripts: fall through to redis-py,
                     # which loads them.
                     pass
-            for i in range(0, len(states), 10_000):
-                await self._script_calls(
-                    self._write_user,
-                    [((keys.user(s.user_id),), _user_args(s, now)) for s in states[i : i + 10_000]],
-                )
+            if self._cluster:
+                # One call per bucket: a script's keys must share a slot.
+                by_bucket: dict[str, list[UserState]] = {}
+                for state in states:
+                    by_bucket.setdefault(keys.meta_of(state.user_id), []).append(state)
+                calls = [
+                    call
+                    for group in by_bucket.values()
+                    for call in _write_calls(group, now, _USERS_PER_CALL)
+                ]
+            else:
+                calls = _write_calls(states, now, _USERS_PER_CALL)
+            for i in range(0, len(calls), 100):
+                await self._script_calls(self._write_users, calls[i : i + 100])
 
     async def write_registry(self, registry: Registry) -> None:
         args: list[Any] = [registry.version]

@@ -1,5 +1,6 @@
-"""The e2e read/write suites, collected again here so they run against the cluster
-(see conftest.py), plus what only a cluster can do: lose one shard on its own."""
+"""The e2e read/write suites and the cache adapter's tests, collected again here so they
+run against the cluster (see conftest.py), plus what only a cluster can do: lose one
+shard on its own."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.e2e.test_audiences import *  # noqa: F403
 from tests.e2e.test_experiments_api import *  # noqa: F403
 from tests.e2e.test_experiments_api import create, segments_of, update
 from tests.e2e.test_lifecycle import *  # noqa: F403
+from tests.integration.test_cache import *  # noqa: F403
 
 
 def test_keys_of_one_bucket_share_a_slot() -> None:

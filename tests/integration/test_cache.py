@@ -92,3 +92,18 @@ async def test_unreachable_redis_raises_cache_unavailable() -> None:
     assert time.monotonic() - started < 1.0
     assert not await dead.ping()
     await dead.close()
+
+
+async def test_many_users_a_call_skip_only_the_stale_ones(cache: RedisCache) -> None:
+    await cache.write_users([UserState(2, 9, (Membership(20),))])
+    # 250 users span three write calls; user 2's state is stale and user 3 has more
+    # members than one ZADD takes (1,200 members: 2,400 arguments).
+    big = tuple(Membership(sid) for sid in range(1, 1201))
+    states = [UserState(uid, 5, (Membership(uid),)) for uid in range(1, 251)]
+    states[2] = UserState(3, 5, big)
+    await cache.write_users(states)
+    now = time.time()
+    assert (await cache.read_user(1, now)).member_ids == (1,)
+    assert (await cache.read_user(2, now)).member_ids == (20,)
+    assert sorted((await cache.read_user(3, now)).member_ids) == list(range(1, 1201))
+    assert (await cache.read_user(250, now)).member_ids == (250,)
