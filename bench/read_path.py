@@ -217,7 +217,8 @@ def main() -> None:
     rounds_text = ", ".join(f"{o.rps:,.0f} -> {t.rps:,.0f}" for o, t in workers)
     print(f"    rounds (1 -> 2 workers): {rounds_text}")
     # Cores are the limit here: at one worker's CPU cost per request (API + Valkey +
-    # wrk), this machine's cores could serve at most this many times one worker.
+    # wrk), this machine's cores could serve about this many times one worker (an
+    # estimate: the cost per request drops a little under more load, as batching grows).
     one_c = min((c[0] for c in cores), key=lambda c: c.total)
     two_c = max((c[1] for c in cores), key=lambda c: c.total)
     bound = median([(os.cpu_count() or 1) / c[0].total for c in cores])
@@ -229,7 +230,7 @@ def main() -> None:
         f"    cores used, 2 workers:  API {two_c.api:.2f}, Valkey {two_c.valkey:.2f}, "
         f"wrk {two_c.wrk:.2f} = {two_c.total:.2f}"
     )
-    print(f"    most 2 workers could reach on these cores: {bound:.2f}x one worker")
+    print(f"    at one worker's CPU per request, these cores allow ~{bound:.2f}x one worker")
     print(f"  API, 1 worker, +20 auto   {auto.rps:>9,.0f} req/s  = {auto_ratio:.2f}x without")
     print(f"  batch reads (1,000 ids)   {lookups:>9,.0f} user lookups/s")
     print(
