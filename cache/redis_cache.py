@@ -361,8 +361,8 @@ class RedisCache:
         return _cached_user(int(raw[0]), raw[1:])
 
     async def read_users(self, user_ids: Sequence[int], now: float) -> list[CachedUser] | None:
-        """Many users in one round trip (one per shard on a cluster); None when the
-        cache is not complete for any of them."""
+        """Many users in one script call (on a cluster, one per bucket, sent
+        concurrently); None when any of their buckets is incomplete."""
         low = f"({now!r}"
         by_bucket: dict[str, list[int]] = {}
         for uid in user_ids:
