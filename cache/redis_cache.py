@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as redis
@@ -24,6 +24,8 @@ from cache import keys
 from cache.pipelined import PipelinedPool
 from service.domain.errors import CacheUnavailable
 from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, UserState
+
+T = TypeVar("T")
 
 # Keys of users with nothing to expire by themselves are kept at least this long, so
 # their version outlives any slow writer holding an older state.
@@ -196,6 +198,14 @@ def _user_args(state: UserState, now: float, out: list[Any]) -> None:
     out += [state.version, expire_at, len(pairs), *pairs]
 
 
+def _by_bucket(items: Iterable[T], user_id: Callable[[T], int]) -> dict[str, list[T]]:
+    """Items grouped by the meta key of their user's bucket, in first-seen order."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(keys.meta_of(user_id(item)), []).append(item)
+    return groups
+
+
 def _write_calls(
     states: Sequence[UserState], now: float, per_call: int
 ) -> list[tuple[list[str], list[Any]]]:
@@ -337,6 +347,14 @@ class RedisCache:
     async def _each_bucket(self, script: AsyncScript, args: Sequence[Any]) -> list[Any]:
         return await self._script_calls(script, [((meta,), args) for meta in keys.BUCKET_METAS])
 
+    async def _on_every_meta(self, command: str, *args: Any) -> None:
+        """One single-key hash command on the global meta and every bucket meta, in one
+        pipeline (per shard on a cluster)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for meta in (keys.META, *keys.BUCKET_METAS):
+                pipe.execute_command(command, meta, *args)
+            await pipe.execute()
+
     # -- reads ----------------------------------------------------------------
 
     async def read_user(self, user_id: int, now: float) -> CachedUser | None:
@@ -364,9 +382,7 @@ class RedisCache:
         """Many users in one script call (on a cluster, one per bucket, sent
         concurrently); None when any of their buckets is incomplete."""
         low = f"({now!r}"
-        by_bucket: dict[str, list[int]] = {}
-        for uid in user_ids:
-            by_bucket.setdefault(keys.meta_of(uid), []).append(uid)
+        by_bucket = _by_bucket(user_ids, lambda uid: uid)
         if self._cluster:
             groups = list(by_bucket.items())
             calls = [((meta, *map(keys.user, ids)), (low, 1)) for meta, ids in groups]
@@ -438,9 +454,7 @@ class RedisCache:
                     pass
             if self._cluster:
                 # One call per bucket: a script's keys must share a slot.
-                by_bucket: dict[str, list[UserState]] = {}
-                for state in states:
-                    by_bucket.setdefault(keys.meta_of(state.user_id), []).append(state)
+                by_bucket = _by_bucket(states, lambda state: state.user_id)
                 calls = [
                     call
                     for group in by_bucket.values()
@@ -463,11 +477,7 @@ class RedisCache:
 
     async def invalidate(self) -> None:
         async with _guard(self._errors):
-            await self._r.hdel(keys.META, "complete")
-            async with self._r.pipeline(transaction=False) as pipe:
-                for meta in keys.BUCKET_METAS:
-                    pipe.hdel(meta, "complete")
-                await pipe.execute()
+            await self._on_every_meta("HDEL", "complete")
 
     # -- rebuild --------------------------------------------------------------
 
@@ -481,11 +491,7 @@ class RedisCache:
             # `building` lives in the meta hashes, so a FLUSHALL (or a shard restart)
             # during the rebuild erases it and the rebuild cannot mark an incomplete
             # copy as complete.
-            await self._r.hset(keys.META, "building", generation)
-            async with self._r.pipeline(transaction=False) as pipe:
-                for meta in keys.BUCKET_METAS:
-                    pipe.hset(meta, "building", generation)
-                await pipe.execute()
+            await self._on_every_meta("HSET", "building", generation)
         return generation
 
     async def renew_rebuild(self, generation: str, lease_s: float) -> bool:
