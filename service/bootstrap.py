@@ -7,6 +7,7 @@ connects at import time; ``build`` does, when a process starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import secrets
@@ -26,7 +27,7 @@ from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http import schemas
 from service.http.app import Probes, create_app
-from service.observability import CP_CALLS, READS, SYNCS, CounterBridge
+from service.observability import CP_CALLS, READS, SYNCS, CounterBridge, flush_request_metrics
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,13 @@ async def make_app(settings: Settings) -> web.Application:
     )
     bridge.add(lambda: dict(container.cp.calls), lambda name, n: CP_CALLS.labels(name).inc(n))
     bridge.add(lambda: dict(container.audiences.syncs), lambda name, n: SYNCS.labels(name).inc(n))
+    bridge.add_flush(flush_request_metrics)
     bridge_task = asyncio.create_task(bridge.run())
 
     async def close(_: web.Application) -> None:
-        bridge_task.cancel()
+        bridge_task.cancel()  # it syncs once more on the way out
+        with contextlib.suppress(asyncio.CancelledError):
+            await bridge_task
         await container.close()
 
     app.on_cleanup.append(close)

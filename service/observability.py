@@ -93,8 +93,8 @@ class RequestMetrics:
 
     A request only adds to plain numbers here (``record``); ``flush_request_metrics``
     moves them into prometheus-client at each scrape of ``/metrics`` and every second
-    (``run_request_metrics_flush``), like ``CounterBridge`` does for the domain's
-    counters.  Why: per request, prometheus-client's ``Counter.inc`` and
+    (through the API's ``CounterBridge``, which does the same for the domain's
+    counters).  Why: per request, prometheus-client's ``Counter.inc`` and
     ``Histogram.observe`` (three locked updates, four Python calls) were 60% of the
     request middleware's own time under bench/read_path.py (py-spy); ``record`` is
     three additions.
@@ -149,17 +149,6 @@ def flush_request_metrics() -> None:
         metrics.flush()
 
 
-async def run_request_metrics_flush(every_s: float = 1.0) -> None:
-    """Flush every second, so that with several workers (one of which answers a
-    scrape) no count is more than a second late; and once more when cancelled."""
-    try:
-        while True:
-            await asyncio.sleep(every_s)
-            flush_request_metrics()
-    finally:
-        flush_request_metrics()
-
-
 class CounterBridge:
     """Copies increments of plain counters (read by ``sources``) into Prometheus counters."""
 
@@ -168,13 +157,20 @@ class CounterBridge:
             tuple[Callable[[], Mapping[str, float]], Callable[[str, float], None]]
         ] = []
         self._last: dict[tuple[int, str], float] = {}
+        self._flushes: list[Callable[[], None]] = []
 
     def add(
         self, read: Callable[[], Mapping[str, float]], inc: Callable[[str, float], None]
     ) -> None:
         self._pairs.append((read, inc))
 
+    def add_flush(self, flush: Callable[[], None]) -> None:
+        """Also call ``flush`` on every sync (for numbers that move themselves)."""
+        self._flushes.append(flush)
+
     def sync(self) -> None:
+        for flush in self._flushes:
+            flush()
         for index, (read, inc) in enumerate(self._pairs):
             for name, value in read().items():
                 delta = value - self._last.get((index, name), 0.0)
@@ -183,9 +179,14 @@ class CounterBridge:
                 self._last[(index, name)] = value
 
     async def run(self, every_s: float = 1.0) -> None:
-        while True:
+        """Sync every second, so that with several workers (one of which answers a
+        scrape) no count is more than a second late; and once more when cancelled."""
+        try:
+            while True:
+                self.sync()
+                await asyncio.sleep(every_s)
+        finally:
             self.sync()
-            await asyncio.sleep(every_s)
 
 
 # -- logs ---------------------------------------------------------------------------

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -27,7 +26,6 @@ from service.observability import (
     SYNC_AGE,
     flush_request_metrics,
     metrics_text,
-    run_request_metrics_flush,
 )
 from service.settings import Settings
 
@@ -105,15 +103,6 @@ class Probes:
         return web.json_response({"status": status, "checks": checks}, status=code)
 
 
-async def _flush_request_metrics(app: web.Application) -> AsyncIterator[None]:
-    """Request metrics reach prometheus-client every second, and once more at exit."""
-    task = asyncio.create_task(run_request_metrics_flush())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 def create_app(
     *,
     segments: SegmentService,
@@ -132,7 +121,6 @@ def create_app(
         burst = settings.rate_limit_burst or 2 * settings.rate_limit_per_s
         middlewares.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
     app = web.Application(middlewares=middlewares, client_max_size=limit * 2)
-    app.cleanup_ctx.append(_flush_request_metrics)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     a = AudienceHandlers(audiences, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
