@@ -227,8 +227,9 @@ Client = redis.Redis | RedisCluster
 # that one call (about 5 us of Redis time a user) never holds Redis for long.
 _USERS_PER_CALL = 100
 
-# Script calls in flight at once on a cluster (bounded by the client's pool anyway).
-_CLUSTER_CONCURRENCY = 64
+# Extra connections per shard beyond the script calls in flight, for the few plain
+# commands (markers, lease, reconciler figures) that do not go through _call.
+_CLUSTER_SPARE_CONNECTIONS = 16
 
 
 class RedisCache:
@@ -238,9 +239,18 @@ class RedisCache:
     cache/pipelined.py for why); everything else goes through redis-py, whose cluster
     client routes each key to its shard."""
 
-    def __init__(self, client: Client, fast: PipelinedPool | None = None) -> None:
+    def __init__(
+        self, client: Client, fast: PipelinedPool | None = None, pool_size: int = 64
+    ) -> None:
         self._r = client
         self._cluster = isinstance(client, RedisCluster)
+        # redis-py's cluster client has no blocking pool: a shard whose connections are
+        # all busy fails the call at once (MaxConnectionsError), which CI saw when a
+        # rebuild's concurrent bucket calls met a test's reads.  Script calls on a
+        # cluster therefore wait for one of ``pool_size`` permits, and a bulk operation
+        # takes at most half of them, so reads keep moving during a rebuild.
+        self._in_flight = asyncio.Semaphore(pool_size)
+        self._bulk_width = max(1, pool_size // 2)
         self._errors = _ERRORS + _CLUSTER_CLIENT_FAULTS if self._cluster else _ERRORS
         self._fast = fast
         self._read = client.register_script(_READ)
@@ -272,19 +282,23 @@ class RedisCache:
                     url,
                     socket_timeout=timeout_s,
                     socket_connect_timeout=timeout_s,
-                    max_connections=pool_size,
-                )
+                    max_connections=pool_size + _CLUSTER_SPARE_CONNECTIONS,
+                ),
+                pool_size=pool_size,
             )
-        client = redis.Redis.from_url(
+        # A blocking pool: with all connections busy a call waits (up to the timeout)
+        # instead of failing at once and sending the caller to PostgreSQL.
+        pool = redis.BlockingConnectionPool.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             max_connections=pool_size,
+            timeout=timeout_s,
             # Fail fast: the caller falls back to PostgreSQL instead of retrying here.
             retry_on_timeout=False,
         )
         fast = PipelinedPool(url, timeout_s=timeout_s) if pipelined_reads else None
-        return cls(client, fast)
+        return cls(redis.Redis.from_pool(pool), fast, pool_size)
 
     async def start(self) -> None:
         """Open the pipelined read connection.  A Redis that is down now is not an
@@ -311,11 +325,12 @@ class RedisCache:
         """Run a script by its hash; a server that forgot it (restarted) gets the text
         through EVAL, which also caches it there.  (redis-py's own reload sends SCRIPT
         LOAD to every master of a cluster, which failed while one was restarting.)"""
-        try:
-            return await self._r.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
-        except redis_errors.NoScriptError:
-            text = cast(str, script.script)  # registered from our own str constants
-            return await self._r.eval(text, len(call_keys), *call_keys, *call_args)
+        async with self._in_flight:
+            try:
+                return await self._r.evalsha(script.sha, len(call_keys), *call_keys, *call_args)
+            except redis_errors.NoScriptError:
+                text = cast(str, script.script)  # registered from our own str constants
+                return await self._r.eval(text, len(call_keys), *call_keys, *call_args)
 
     async def _script_calls(
         self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
@@ -325,7 +340,7 @@ class RedisCache:
         idempotent.  redis-py refuses scripts in cluster pipelines, so on a cluster the
         calls go concurrently instead, each routed to its slot's shard."""
         if self._cluster:
-            limit = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+            limit = asyncio.Semaphore(self._bulk_width)
 
             async def call(call_keys: Sequence[str], call_args: Sequence[Any]) -> Any:
                 async with limit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from cache import keys
 from cache.redis_cache import RedisCache
 from service.bootstrap import Container
 from service.domain.model import NEVER, Membership, Registry, RegistryEntry, UserState
+from service.settings import Settings
 
 
 @pytest.fixture
@@ -107,3 +109,28 @@ async def test_many_users_a_call_skip_only_the_stale_ones(cache: RedisCache) -> 
     assert (await cache.read_user(2, now)).member_ids == (20,)
     assert sorted((await cache.read_user(3, now)).member_ids) == list(range(1, 1201))
     assert (await cache.read_user(250, now)).member_ids == (250,)
+
+
+async def test_more_calls_than_connections_wait_instead_of_failing(
+    cache: RedisCache, settings: Settings
+) -> None:
+    # Two connections (per shard on a cluster) for a bulk write of 2,000 users in many
+    # buckets, 200 single reads and 20 batch reads at once: calls queue for a
+    # connection; none is refused (which would send readers to PostgreSQL).
+    small = RedisCache.from_url(
+        settings.redis_url, pool_size=2, pipelined_reads=False, cluster=settings.redis_cluster
+    )
+    try:
+        states = [UserState(uid, 1, (Membership(7),)) for uid in range(1, 2001)]
+        await small.write_users(states[:200])
+        now = time.time()
+        _, singles, batches = await asyncio.gather(
+            small.write_users(states[200:]),
+            asyncio.gather(*(small.read_user(uid, now) for uid in range(1, 201))),
+            asyncio.gather(*(small.read_users(list(range(1, 201)), now) for _ in range(20))),
+        )
+        assert [user.member_ids for user in singles] == [(7,)] * 200
+        assert all([u.member_ids for u in batch] == [(7,)] * 200 for batch in batches)
+        assert (await small.read_user(2000, time.time())).member_ids == (7,)
+    finally:
+        await small.close()
