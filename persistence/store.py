@@ -63,7 +63,10 @@ def _epoch(value: dt.datetime | None) -> float | None:
 _USER_ROWS = """
     LEFT JOIN LATERAL (
         SELECT array_agg(segment_id) AS ids,
-               array_agg(extract(epoch FROM expires_at)::float8) AS exps
+               -- No expiry reads as +Infinity (model.NEVER): rows become Memberships
+               -- with a plain map() (_state).
+               array_agg(coalesce(extract(epoch FROM expires_at)::float8, 'Infinity'))
+                   AS exps
         FROM memberships WHERE user_id = v.user_id) m ON true
     LEFT JOIN LATERAL (
         SELECT array_agg(segment_id) AS ids
@@ -215,14 +218,14 @@ def _write_statement(present: tuple[bool, ...]) -> str:
 
 
 def _state(row: asyncpg.Record) -> UserState:
+    # A rebuild calls this for every user: positional unpacking and map() (C loops)
+    # rather than field names and a generator.
+    user_id, version, ids, exps, excluded = row
     return UserState(
-        row["user_id"],
-        row["version"],
-        tuple(
-            Membership(sid, NEVER if exp is None else exp)
-            for sid, exp in zip(row["ids"] or (), row["exps"] or (), strict=True)
-        ),
-        frozenset(row["excluded"] or ()),
+        user_id,
+        version,
+        tuple(map(Membership, ids, exps)) if ids else (),
+        frozenset(excluded) if excluded else frozenset(),
     )
 
 

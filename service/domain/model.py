@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
+
 # Score used for a membership without expiry.
 NEVER = float("inf")
 
@@ -50,15 +52,19 @@ class Registry:
         object.__setattr__(self, "auto", auto)
 
 
-@dataclass(frozen=True, slots=True)
-class Membership:
+# The value objects made by the thousand (a cache rebuild, every read) are frozen
+# msgspec Structs: their constructor is C code.  A user with 5 memberships took 3.7 us
+# to build as frozen dataclasses and 1.2 us as Structs; a rebuild spent ~40% of its
+# Python time here.  gc=False: they hold only numbers and tuples of them, no cycles.
+
+
+class Membership(msgspec.Struct, frozen=True, gc=False):
     segment_id: int
     # Unix time (seconds) after which the membership no longer holds; NEVER if none.
     expires_at: float = NEVER
 
 
-@dataclass(frozen=True, slots=True)
-class UserState:
+class UserState(msgspec.Struct, frozen=True, gc=False):
     """A user's explicit memberships as of ``version`` (a monotonic change id).
 
     ``excluded`` lists percentage segments the user was explicitly removed from.
@@ -97,8 +103,7 @@ class UserChange:
     remove: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class CachedUser:
+class CachedUser(msgspec.Struct, frozen=True, gc=False):
     """What the cache answers for one user: unexpired memberships and exclusions,
     with the registry version the reader must resolve them against."""
 
