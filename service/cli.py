@@ -34,9 +34,8 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from service.bootstrap import make_app
+    from service.http.serving import serve
 
     host = args.host or settings.http_host
     port = args.port or settings.http_port
@@ -50,15 +49,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             uvloop.install()
         except ImportError:  # optional: the service runs on the stock loop too
             pass
-    web.run_app(
-        make_app(settings),
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        keepalive_timeout=settings.http_keepalive_timeout_s,
-        # Several worker processes share the port; the kernel spreads connections.
-        reuse_port=args.reuse_port,
+    asyncio.run(
+        serve(
+            make_app(settings),
+            host=host,
+            port=port,
+            keepalive_timeout=settings.http_keepalive_timeout_s,
+            # Several worker processes share the port; the kernel spreads connections.
+            reuse_port=args.reuse_port,
+        )
     )
     return 0
 

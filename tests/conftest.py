@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -18,6 +19,7 @@ from persistence.migrate import upgrade
 from service.bootstrap import Container, api_app, build
 from service.cp.emulator import create_emulator_app
 from service.devstack import EmbeddedStack
+from service.http.serving import ApiRunner
 from service.settings import Settings, load_settings
 
 TABLES = (
@@ -101,10 +103,18 @@ async def clean(container: Container, db: asyncpg.Connection) -> Container:
     return container
 
 
+class ApiTestServer(TestServer):
+    """A TestServer served as ``segments serve`` serves the API: with its runner, so
+    the front door of the hot read (service/http/serving.py) is under test too."""
+
+    async def _make_runner(self, **kwargs: Any) -> ApiRunner:
+        return ApiRunner(self.app, **kwargs)
+
+
 @pytest.fixture(scope="session")
 async def server(container: Container) -> AsyncIterator[TestServer]:
     app = api_app(container)
-    srv = TestServer(app, host="127.0.0.1")
+    srv = ApiTestServer(app, host="127.0.0.1")
     await srv.start_server()
     yield srv
     await srv.close()

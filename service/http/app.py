@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import swagger_ui
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from service.domain.audiences import AudienceService
 from service.domain.errors import CacheUnavailable
@@ -17,13 +18,15 @@ from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.audience_handlers import AudienceHandlers
 from service.http.handlers import Handlers
-from service.http.middleware import Auth, RateLimit, observe, parse_tokens
+from service.http.middleware import Auth, RateLimit, observe, observing, parse_tokens
 from service.http.openapi import build_openapi
+from service.http.serving import FRONT_DOOR, HOT_ROUTE, FrontDoor
 from service.observability import (
     CACHE_COMPLETE,
     DIVERGENCE_FOUND,
     DIVERGENCE_REPAIRED,
     SYNC_AGE,
+    RequestMetrics,
     flush_request_metrics,
     metrics_text,
 )
@@ -113,15 +116,17 @@ def create_app(
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that our handlers give the JSON 413.
     limit = max(settings.max_body_bytes, settings.max_audience_body_bytes)
-    middlewares = [observe]
+    layers: list[Middleware] = []  # after observe, for the app and the front door alike
     callers = parse_tokens(settings.auth_tokens)
     if callers:
-        middlewares.append(Auth(callers, settings.auth_open_reads).middleware)
+        layers.append(Auth(callers, settings.auth_open_reads).middleware)
     if settings.rate_limit_per_s > 0:
         burst = settings.rate_limit_burst or 2 * settings.rate_limit_per_s
-        middlewares.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
-    app = web.Application(middlewares=middlewares, client_max_size=limit * 2)
+        layers.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
+    app = web.Application(middlewares=[observe, *layers], client_max_size=limit * 2)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
+    hot_metrics = RequestMetrics("GET", HOT_ROUTE)
+    app[FRONT_DOOR] = FrontDoor([observing(lambda _: hot_metrics), *layers], h.user_segments)
     a = AudienceHandlers(audiences, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
     openapi = orjson.dumps(build_openapi())
@@ -150,7 +155,7 @@ def create_app(
             web.delete("/v1/segments/{slug}", h.delete_segment),
             web.post("/v1/users/segments:batch", h.batch_user_segments),
             web.post("/v1/users/{user_id}/segments", h.update_user_segments),
-            web.get("/v1/users/{user_id}/segments", h.get_user_segments),
+            web.get(HOT_ROUTE, h.get_user_segments),
             web.put(customers, a.replace),
             web.patch(customers, a.patch),
             web.get("/v1/merchants/{merchant_id}/segments/{segment_type}", a.get),

@@ -87,7 +87,10 @@ async def decode(request: web.Request, kind: type[T], max_bytes: int) -> T:
 
 
 def user_id_from(request: web.Request, name: str = "user_id") -> int:
-    raw = request.match_info[name]
+    return parse_user_id(request.match_info[name], name)
+
+
+def parse_user_id(raw: str, name: str = "user_id") -> int:
     try:
         value = int(raw)
     except ValueError:
@@ -162,7 +165,12 @@ class Handlers:
         return _json({"users": {str(uid): slugs for uid, slugs in found.items()}})
 
     async def get_user_segments(self, request: web.Request) -> web.Response:
-        user_id = user_id_from(request)
+        return await self.user_segments(request.match_info["user_id"])
+
+    async def user_segments(self, raw_user_id: str) -> web.Response:
+        """GET /v1/users/{user_id}/segments, for the route and for the front door
+        (service/http/serving.py), which takes the id from the path itself."""
+        user_id = parse_user_id(raw_user_id)
         segments = await self._svc.user_segments(user_id)
         return _json({"user_id": user_id, "segments": segments})
 

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from service.bootstrap import Container, api_app, build
 from service.devstack import EmbeddedValkeyCluster
 from service.settings import Settings
+from tests.conftest import ApiTestServer
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +44,7 @@ async def container(settings: Settings) -> AsyncIterator[Container]:
 
 @pytest.fixture(scope="session")
 async def server(container: Container) -> AsyncIterator[TestServer]:
-    srv = TestServer(api_app(container), host="127.0.0.1")
+    srv = ApiTestServer(api_app(container), host="127.0.0.1")
     await srv.start_server()
     yield srv
     await srv.close()

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from service.bootstrap import Container, api_app
 from service.http.middleware import parse_tokens
 from service.observability import JsonFormatter
+from tests.conftest import ApiTestServer
 
 TOKENS = {
     "analytics": {"token": "a" * 32, "scopes": ["read", "write", "reports"]},
@@ -26,7 +27,7 @@ TOKENS = {
 async def _server(container: Container, **overrides: object) -> TestServer:
     settings = msgspec.structs.replace(container.settings, **overrides)
     app = api_app(container, settings)
-    server = TestServer(app, host="127.0.0.1")
+    server = ApiTestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
 
