@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as redis
 from redis import exceptions as rexc
 
-from cache.pipelined import PipelinedConnection, PipelinedPool
+from cache.pipelined import _FLUSH_AT, PipelinedConnection, PipelinedPool
 from service.devstack import EmbeddedValkey, free_port
 
 TIMEOUT_S = 0.3
@@ -91,17 +91,23 @@ async def test_replies_equal_redis_py(conn: PipelinedConnection, raw_redis_py: r
     assert flat == [b"a", b"1", b"b", b"2.5", b"c", b"inf"]
 
 
-async def test_one_write_per_loop_iteration(conn: PipelinedConnection) -> None:
+async def test_commands_of_one_loop_iteration_share_writes(conn: PipelinedConnection) -> None:
     transport = conn._transport
     assert transport is not None
     writes: list[int] = []
     real_write = transport.write
     transport.write = lambda data: (writes.append(len(data)), real_write(data))[1]  # type: ignore[method-assign]
+    ping = len(b"*1\r\n$4\r\nPING\r\n")
     try:
-        assert await asyncio.gather(*(conn.execute("PING") for _ in range(100))) == [b"PONG"] * 100
+        # Fewer than _FLUSH_AT: one write when the iteration ends.
+        assert await asyncio.gather(*(conn.execute("PING") for _ in range(3))) == [b"PONG"] * 3
+        assert writes == [3 * ping]
+        writes.clear()
+        # More: a write every _FLUSH_AT commands, the rest when the iteration ends.
+        assert await asyncio.gather(*(conn.execute("PING") for _ in range(102))) == [b"PONG"] * 102
+        assert writes == [_FLUSH_AT * ping] * (102 // _FLUSH_AT) + [102 % _FLUSH_AT * ping]
     finally:
         transport.write = real_write  # type: ignore[method-assign]
-    assert len(writes) == 1
 
 
 async def test_ten_thousand_concurrent_calls_keep_order(valkey: EmbeddedValkey) -> None:
