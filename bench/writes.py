@@ -248,17 +248,23 @@ def main() -> None:
         api_cmd = ["-m", "service.cli", "serve", "--port", str(port), "--workers", "1"]
         api_log = os.path.join(stack.root, "api.log")
         with (
-            server(ceiling_cmd, env, bare_port) as bare,
-            server(api_cmd, env, port, api_log) as api,
+            server(ceiling_cmd, env, bare_port) as bare_proc,
+            server(api_cmd, env, port, api_log) as api_proc,
         ):
             for slug in ("A", "B"):
                 post_json(port, "/v1/segments", {"slug": slug})
             for i in range(a.rounds):
                 ceiling = measure(
-                    bare_port, a.users, a.seconds, 11 + i, None, bare.pid, stack.postgres
+                    bare_port, a.users, a.seconds, 11 + i, None, bare_proc.pid, stack.postgres
                 )
                 api = measure(
-                    port, a.users, a.seconds, 23 + i, stack.postgres.url, api.pid, stack.postgres
+                    port,
+                    a.users,
+                    a.seconds,
+                    23 + i,
+                    stack.postgres.url,
+                    api_proc.pid,
+                    stack.postgres,
                 )
                 rounds.append((ceiling, api))
                 print(
