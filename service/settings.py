@@ -146,7 +146,8 @@ DOCS: dict[str, str] = {
     "db_pool_max": "asyncpg pool: maximum connections per process",
     "db_command_timeout_s": "per-statement timeout",
     "redis_timeout_s": "Redis connect/read timeout; past it reads fall back to PostgreSQL",
-    "redis_pool_size": "redis-py connections per process (writes, rebuilds, scripts)",
+    "redis_pool_size": "redis-py calls in flight per process (batch reads, rebuilds, "
+    "scripts); more wait for a free one",
     "redis_pipelined_reads": "hot reads through one auto-pipelined connection",
     "redis_cluster": "`SEGMENTS_REDIS_URL` is a node of a Redis Cluster (reads then go through "
     "redis-py's cluster client, without the pipelined connection)",
