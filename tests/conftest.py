@@ -93,8 +93,8 @@ async def clean(container: Container, db: asyncpg.Connection) -> Container:
     await db.execute(f"TRUNCATE {TABLES} CASCADE")
     await container.cache._r.flushall()
     # A rebuild returns False when one that a previous test's reads started still holds
-    # the lease, or when a Redis call timed out on a loaded machine (seen once in CI on
-    # the cluster); the service retries in both cases, and so does this set-up.
+    # the lease, or when a Redis call failed for a moment (a timeout on a loaded
+    # machine); the service retries in both cases, and so does this set-up.
     for _ in range(40):
         if await container.segments.rebuild_cache():
             break
