@@ -55,7 +55,8 @@ class FrontDoor:
             path = request.path
             if request.method == "GET" and path.startswith(_PREFIX) and path.endswith(_SUFFIX):
                 raw = path[len(_PREFIX) : -len(_SUFFIX)]
-                # ASCII digits only: anything else gets the app's own answer.
+                # ASCII digits only: anything else gets the app's own answer (so does
+                # an Expect header, which aiohttp's app answers before the handler).
                 if raw.isdigit() and raw.isascii() and "Expect" not in request.headers:
                     # The app's request factory makes web.Request objects.
                     return await chain(cast(web.Request, request))
