@@ -46,9 +46,14 @@ def _request_id(request: web.Request) -> str:
 
 # Keyed by (route object, method): a matched route is the same object on every request
 # and lives as long as the app, so the table is bounded.  An unmatched request brings a
-# new route object each time: those go to one entry per method.
+# new route object each time: those go to one entry per method, and any method outside
+# HTTP's usual ones counts as "other" (a client may send any token as a method; each
+# would otherwise become a metric label set for good).
 _metrics: dict[tuple[object, str], RequestMetrics] = {}
 _unmatched: dict[str, RequestMetrics] = {}
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 def _route_metrics(request: web.Request) -> RequestMetrics:
@@ -59,6 +64,7 @@ def _route_metrics(request: web.Request) -> RequestMetrics:
         return metrics
     route = info.route
     if info.http_exception is not None or route.resource is None:
+        method = method if method in _KNOWN_METHODS else "other"
         metrics = _unmatched.get(method)
         if metrics is None:
             metrics = _unmatched[method] = RequestMetrics(method, "unmatched")

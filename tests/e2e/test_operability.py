@@ -143,6 +143,22 @@ async def test_metrics_exposition(http: aiohttp.ClientSession) -> None:
     assert "segments_cache_complete 1.0" in text
 
 
+async def test_unknown_methods_share_one_metric_label(http: aiohttp.ClientSession) -> None:
+    # aiohttp's parser refuses methods it does not know (400, before any handler) but
+    # takes WebDAV's and others: those share the label "other".
+    async with http.request("BREW", "/no/such/route") as r:
+        assert r.status == 400
+    for method in ("PROPFIND", "MKCOL", "GET"):
+        async with http.request(method, "/no/such/route") as r:
+            assert r.status == 404
+    async with http.get("/metrics") as r:
+        text = await r.text()
+    unmatched = [line for line in text.splitlines() if 'route="unmatched"' in line]
+    assert any('method="other"' in line for line in unmatched)
+    assert any('method="GET"' in line for line in unmatched)
+    assert not any("PROPFIND" in line or "MKCOL" in line for line in unmatched)
+
+
 def test_counter_bridge_copies_increments_once() -> None:
     from prometheus_client import CollectorRegistry, Counter
 
