@@ -128,12 +128,12 @@ class PipelinedConnection(asyncio.Protocol):
         if not out:  # first command since the last write: write at the latest when the
             self._loop.call_soon(self._flush)  # loop iteration ends
         out.append(cmd)
-        if len(out) >= _FLUSH_AT:
-            self._flush()
         deadline = self._loop.time() + (self.timeout_s if timeout is None else timeout)
         self._pending.append((fut, deadline))
         if self._watchdog is None or deadline < self._watchdog_at:
             self._arm(deadline)
+        if len(out) >= _FLUSH_AT:  # after the bookkeeping: the reply may come any time now
+            self._flush()
         return fut
 
     def evalsha(self, sha: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future[Any]:
