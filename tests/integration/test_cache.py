@@ -134,3 +134,19 @@ async def test_more_calls_than_connections_wait_instead_of_failing(
         assert (await small.read_user(2000, time.time())).member_ids == (7,)
     finally:
         await small.close()
+
+
+async def test_writes_and_reads_survive_a_server_that_forgot_its_scripts(
+    cache: RedisCache,
+) -> None:
+    # A restarted Redis (or SCRIPT FLUSH) knows none of the scripts: a single write, a
+    # bulk write and a read each load what they need and succeed.
+    await cache.write_users([UserState(1, 1, (Membership(10),))])
+    await cache._r.script_flush()
+    await cache.write_users([UserState(1, 2, (Membership(11),))])
+    await cache._r.script_flush()
+    await cache.write_users([UserState(uid, 3, (Membership(12),)) for uid in range(1, 251)])
+    await cache._r.script_flush()
+    now = time.time()
+    assert (await cache.read_user(1, now)).member_ids == (12,)
+    assert (await cache.read_user(250, now)).member_ids == (12,)
