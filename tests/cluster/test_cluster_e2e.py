@@ -13,7 +13,7 @@ from service.bootstrap import Container
 from service.devstack import EmbeddedValkeyCluster
 from tests.e2e.test_audiences import *  # noqa: F403
 from tests.e2e.test_experiments_api import *  # noqa: F403
-from tests.e2e.test_experiments_api import create, segments_of, update
+from tests.e2e.test_experiments_api import create, segments_of, update, wait_until_complete
 from tests.e2e.test_lifecycle import *  # noqa: F403
 from tests.integration.test_cache import *  # noqa: F403
 
@@ -49,11 +49,7 @@ async def test_a_shard_restarted_empty_is_never_taken_for_truth(
         assert answers == [["A"]] * 60
         await asyncio.sleep(0.5)
     # The new run of that master is noticed and the whole copy rebuilt.
-    for _ in range(200):
-        if await clean.segments.cache_complete():
-            break
-        await asyncio.sleep(0.1)
-    assert await clean.segments.cache_complete()
+    await wait_until_complete(clean, within_s=20)
     served_from_store = clean.segments.reads_from_store
     assert await asyncio.gather(*(segments_of(http, uid) for uid in range(1, 61))) == [["A"]] * 60
     assert clean.segments.reads_from_store == served_from_store
