@@ -86,10 +86,13 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
     try:
         while not stop.requested:
             for i, child in enumerate(children):
-                if child.poll() is not None:
-                    log.warning(
-                        "worker %d exited with %s; starting another", child.pid, child.returncode
-                    )
+                code = child.poll()
+                if code == 2:
+                    # Bad usage or configuration: another worker would fail the same way.
+                    log.error("worker %d exited with 2 (configuration); stopping", child.pid)
+                    return 2
+                if code is not None:
+                    log.warning("worker %d exited with %s; starting another", child.pid, code)
                     children[i] = spawn()
             time.sleep(0.5)
     finally:
@@ -100,9 +103,6 @@ def _serve_workers(workers: int, host: str, port: int) -> int:
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from persistence.migrate import upgrade
 
-    if not settings.database_url:
-        log.error("%sDATABASE_URL is not set", ENV_PREFIX)
-        return 2
     upgrade(settings.database_url)
     log.info("migrations applied")
     return 0
@@ -190,10 +190,6 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
     from service.http.schemas import MAX_AUDIENCE_IDS
     from service.ingest.consumer import AudienceConsumer
 
-    if not settings.kafka_bootstrap:
-        log.error("%sKAFKA_BOOTSTRAP is not set", ENV_PREFIX)
-        return 2
-
     _serve_metrics(settings)
 
     async def main(stop: asyncio.Event) -> None:
@@ -210,9 +206,6 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_produce_sample(settings: Settings, args: argparse.Namespace) -> int:
     from service.ingest.sample import produce_sample
 
-    if not settings.kafka_bootstrap:
-        log.error("%sKAFKA_BOOTSTRAP is not set", ENV_PREFIX)
-        return 2
     asyncio.run(
         produce_sample(
             settings.kafka_bootstrap,
@@ -374,11 +367,41 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+# The settings each command cannot run without (checked before anything starts, so a
+# missing one is exit code 2 with a message, not a traceback).
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "serve": ("database_url", "redis_url"),
+    "reconcile": ("database_url", "redis_url"),
+    "rebuild": ("database_url", "redis_url"),
+    "consume": ("database_url", "redis_url", "kafka_bootstrap"),
+    "migrate": ("database_url",),
+    "produce-sample": ("kafka_bootstrap",),
+}
+
+
+def config_errors(settings: Settings, command: str) -> list[str]:
+    """What is wrong with ``settings`` for running ``command``; empty when nothing is."""
+    from service.http.middleware import parse_tokens
+
+    errors = []
+    missing = [
+        ENV_PREFIX + name.upper() for name in _NEEDS.get(command, ()) if not getattr(settings, name)
+    ]
+    if missing:
+        errors.append(f"{', '.join(missing)} must be set for `segments {command}`")
+    try:
+        parse_tokens(settings.auth_tokens)
+    except ValueError as exc:  # msgspec's decode errors are ValueErrors too
+        errors.append(f"{ENV_PREFIX}AUTH_TOKENS: {exc}")
+    return errors
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segments",
         description="user-segments: which segments is user X in? "
-        f"Configuration comes from {ENV_PREFIX}* environment variables.",
+        f"Configuration comes from {ENV_PREFIX}* environment variables. "
+        "Exit codes: 0 done, 1 failed at run time, 2 bad usage or configuration.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
@@ -400,11 +423,20 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--segment-type", default="LOYAL")
             p.add_argument("--customers", type=int, default=100_000)
             p.add_argument("--parts", type=int, default=4)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except ValueError as exc:
         print(f"segments: {exc}", file=sys.stderr)
+        return 2
+    errors = config_errors(settings, args.command)
+    if errors:
+        for error in errors:
+            print(f"segments: {error}", file=sys.stderr)
         return 2
     _setup_logging(settings)
     func, _ = COMMANDS[args.command]
