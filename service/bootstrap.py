@@ -27,7 +27,14 @@ from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http import schemas
 from service.http.app import Probes, create_app
-from service.observability import CP_CALLS, READS, SYNCS, CounterBridge, flush_request_metrics
+from service.observability import (
+    CP_CALLS,
+    CP_SECONDS,
+    READS,
+    SYNCS,
+    CounterBridge,
+    flush_request_metrics,
+)
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,7 @@ async def build(settings: Settings) -> Container:
         settings.cp_url or "http://127.0.0.1:9/",
         timeout_s=settings.cp_timeout_s,
         max_attempts=settings.cp_max_attempts,
+        on_request=lambda op, outcome, seconds: CP_SECONDS.labels(op, outcome).observe(seconds),
     )
     audiences = AudienceService(
         audience_store,
@@ -128,11 +136,9 @@ def api_app(container: Container, settings: Settings | None = None) -> web.Appli
     )
 
 
-async def make_app(settings: Settings) -> web.Application:
-    """The API application, with its adapters connected; they close on clean-up."""
-    container = await build(settings)
-    app = api_app(container)
-
+def counter_bridge(container: Container) -> CounterBridge:
+    """The domain's and CP client's plain counters, for any process's metrics (the
+    reconciler retries syncs and calls CP too)."""
     bridge = CounterBridge()
     segments = container.segments
     bridge.add(
@@ -141,6 +147,15 @@ async def make_app(settings: Settings) -> web.Application:
     )
     bridge.add(lambda: dict(container.cp.calls), lambda name, n: CP_CALLS.labels(name).inc(n))
     bridge.add(lambda: dict(container.audiences.syncs), lambda name, n: SYNCS.labels(name).inc(n))
+    return bridge
+
+
+async def make_app(settings: Settings) -> web.Application:
+    """The API application, with its adapters connected; they close on clean-up."""
+    container = await build(settings)
+    app = api_app(container)
+
+    bridge = counter_bridge(container)
     bridge.add_flush(flush_request_metrics)
     bridge_task = asyncio.create_task(bridge.run())
 

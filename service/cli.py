@@ -124,15 +124,20 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from service import reconciler
-    from service.bootstrap import build
+    from service.bootstrap import build, counter_bridge
 
     _serve_metrics(settings)
 
     async def main(stop: asyncio.Event) -> None:
         container = await build(settings)
+        # The reconciler retries promo syncs: its CP calls and syncs count too.
+        bridge = asyncio.create_task(counter_bridge(container).run())
         try:
             await reconciler.run(container, stop)
         finally:
+            bridge.cancel()  # it syncs once more on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await bridge
             await container.close()
 
     _run_until_signalled(main)

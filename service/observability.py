@@ -37,14 +37,20 @@ REQUESTS = Counter(
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY = Histogram(
     "segments_http_request_seconds",
-    "HTTP request latency by route",
-    ["method", "route"],
+    "HTTP request latency by route and status",
+    ["method", "route", "status"],
     buckets=LATENCY_BUCKETS,
 )
 READS = Counter(
     "segments_user_reads_total", "User reads by where they were answered from", ["source"]
 )
 CP_CALLS = Counter("segments_cp_calls_total", "Calls to CP by outcome", ["outcome"])
+CP_SECONDS = Histogram(
+    "segments_cp_request_seconds",
+    "CP HTTP requests (each attempt) by operation and outcome",
+    ["op", "outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 SYNCS = Counter("segments_promo_syncs_total", "Promo syncs by result", ["result"])
 KAFKA_APPLIED = Counter("segments_kafka_messages_applied_total", "Kafka messages applied")
 KAFKA_DLQ = Counter("segments_kafka_messages_dead_lettered_total", "Messages set aside to the DLQ")
@@ -54,24 +60,41 @@ KAFKA_LAG = Gauge(
     ["partition"],
     multiprocess_mode="max",
 )
+# The cache's gauges describe shared state (Redis's meta hash), which every process
+# reads and sets at its own times: with several workers the freshest value is the
+# true one ("mostrecent"), where min or max across workers could keep a stale one.
 DIVERGENCE_FOUND = Gauge(
     "segments_cache_divergence_found",
     "Users found behind PostgreSQL in Redis, since the copy was built",
-    multiprocess_mode="max",
+    multiprocess_mode="mostrecent",
 )
 DIVERGENCE_REPAIRED = Gauge(
     "segments_cache_divergence_repaired",
     "Users repaired in Redis by the reconciler, since the copy was built",
-    multiprocess_mode="max",
+    multiprocess_mode="mostrecent",
 )
 SYNC_AGE = Gauge(
     "segments_cache_synchronized_age_seconds",
     "Seconds since the reconciler last confirmed Redis agrees with PostgreSQL",
-    multiprocess_mode="min",
+    multiprocess_mode="mostrecent",
 )
 CACHE_COMPLETE = Gauge(
-    "segments_cache_complete", "1 when Redis holds a complete copy", multiprocess_mode="min"
+    "segments_cache_complete",
+    "1 when Redis holds a complete copy",
+    multiprocess_mode="mostrecent",
 )
+
+
+def set_cache_gauges(complete: bool, freshness: Mapping[str, float] | None, now: float) -> None:
+    """The cache's gauges from its meta hash (``RedisCache.freshness``; None when it
+    could not be read, which leaves those gauges as they were)."""
+    CACHE_COMPLETE.set(1 if complete else 0)
+    if freshness is None:
+        return
+    if "synchronized_on" in freshness:
+        SYNC_AGE.set(now - freshness["synchronized_on"])
+    DIVERGENCE_FOUND.set(freshness.get("divergence_found", 0))
+    DIVERGENCE_REPAIRED.set(freshness.get("divergence_repaired", 0))
 
 
 def metrics_text() -> tuple[bytes, str]:
@@ -100,47 +123,46 @@ class RequestMetrics:
     three additions.
     """
 
-    __slots__ = ("_buckets", "_counters", "_latency", "_statuses", "_sum", "method", "route")
+    __slots__ = ("_children", "_pending", "method", "route")
 
     def __init__(self, method: str, route: str) -> None:
         self.method = method
         self.route = route
-        self._latency = LATENCY.labels(method, route)
-        self._counters: dict[int, Counter] = {}
-        # Not yet in prometheus-client: requests by status, latencies by bucket, sum.
-        self._statuses: dict[int, int] = {}
-        self._buckets = [0] * len(_LATENCY_BOUNDS)
-        self._sum = 0.0
+        # By status, not yet in prometheus-client: [count, sum, then one count per
+        # latency bucket], and the status's (counter, histogram) children.
+        self._pending: dict[int, list[float]] = {}
+        self._children: dict[int, tuple[Counter, Histogram]] = {}
         _request_metrics.append(self)
 
     def record(self, status: int, seconds: float) -> None:
-        statuses = self._statuses
-        statuses[status] = statuses.get(status, 0) + 1
+        pending = self._pending.get(status)
+        if pending is None:
+            pending = self._pending[status] = [0.0] * (2 + len(_LATENCY_BOUNDS))
+        pending[0] += 1
+        pending[1] += seconds
         # The first bucket whose bound is >= seconds, as Histogram.observe picks it.
-        self._buckets[bisect_left(_LATENCY_BOUNDS, seconds)] += 1
-        self._sum += seconds
+        pending[2 + bisect_left(_LATENCY_BOUNDS, seconds)] += 1
 
     def flush(self) -> None:
-        if not self._statuses:
-            return
-        for status, n in self._statuses.items():
-            counter = self._counters.get(status)
-            if counter is None:
-                counter = REQUESTS.labels(self.method, self.route, str(status))
-                self._counters[status] = counter
-            counter.inc(n)
-        self._statuses.clear()
-        # prometheus-client has no public way to add many observations at once: add to
-        # the child's sum and bucket values as Histogram.observe does, one update each.
-        # tests/unit/test_request_metrics.py checks that both give the same exposition.
-        latency = self._latency
-        latency._sum.inc(self._sum)
-        self._sum = 0.0
-        buckets = self._buckets
-        for i, n in enumerate(buckets):
-            if n:
-                latency._buckets[i].inc(n)
-                buckets[i] = 0
+        for status, pending in self._pending.items():
+            if not pending[0]:
+                continue
+            children = self._children.get(status)
+            if children is None:
+                labels = (self.method, self.route, str(status))
+                children = REQUESTS.labels(*labels), LATENCY.labels(*labels)
+                self._children[status] = children
+            counter, latency = children
+            counter.inc(pending[0])
+            # prometheus-client has no public way to add many observations at once:
+            # add to the child's sum and bucket values as Histogram.observe does, one
+            # update each.  tests/unit/test_request_metrics.py checks that both give
+            # the same exposition.
+            latency._sum.inc(pending[1])
+            for i, n in enumerate(pending[2:]):
+                if n:
+                    latency._buckets[i].inc(n)
+            pending[:] = [0.0] * len(pending)
 
 
 def flush_request_metrics() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from service.bootstrap import Container
 from service.domain.errors import CacheUnavailable, StorageUnavailable
-from service.observability import DIVERGENCE_FOUND, DIVERGENCE_REPAIRED, SYNC_AGE
+from service.observability import set_cache_gauges
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ async def run(container: Container, stop: asyncio.Event) -> None:
     async def scan() -> None:
         if await container.cache.is_complete():
             result = await reconciler.scan()
-            fresh = await container.cache.freshness()
-            DIVERGENCE_FOUND.set(fresh.get("divergence_found", 0))
-            DIVERGENCE_REPAIRED.set(fresh.get("divergence_repaired", 0))
-            SYNC_AGE.set(0)
             log.info(
                 "scan: %d users, %d behind, %d repaired",
                 result.users,
@@ -65,12 +61,18 @@ async def run(container: Container, stop: asyncio.Event) -> None:
                 result.repaired,
             )
 
+    async def gauges() -> None:
+        # Every round, so that the age keeps growing while scans fail.
+        complete = await container.cache.is_complete()
+        set_cache_gauges(complete, await container.cache.freshness(), time.time())
+
     steps = [
         _Every(PARTITION_CHECK_S, container.store.ensure_history_partitions),
         _Every(0, reconciler.step),
         _Every(0, sweep),
         _Every(settings.scan_interval_s, scan),
         _Every(settings.sync_retry_interval_s, reconciler.retry_syncs),
+        _Every(0, gauges),
     ]
     while not stop.is_set():
         for step in steps:

@@ -12,7 +12,8 @@ import asyncio
 import datetime as dt
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -45,7 +46,10 @@ class CpClient:
         max_batch: int = 5000,
         max_concurrency: int = 4,
         session: aiohttp.ClientSession | None = None,
+        on_request: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``on_request(op, outcome, seconds)`` hears of every HTTP attempt (for the
+        latency metric); the outcome is ``ok``, ``retryable`` or ``rejected``."""
         if timeout_s <= 0 or max_attempts < 1 or max_concurrency < 1:
             raise ValueError("timeout_s must be > 0, max_attempts and max_concurrency >= 1")
         if not 1 <= max_batch <= CP_MAX_BATCH:
@@ -64,6 +68,7 @@ class CpClient:
         self._owns_session = session is None
         self._rng = random.Random()  # nosec B311  # backoff jitter, not security
         self.calls: dict[str, int] = {"ok": 0, "retry": 0, "failed": 0, "rejected": 0}
+        self._on_request = on_request or (lambda op, outcome, seconds: None)
 
     async def create_segment(self, external_id: str, name: str, expires_at: dt.datetime) -> str:
         if expires_at.tzinfo is None:
@@ -173,6 +178,7 @@ class CpClient:
                 self.calls["retry"] += 1
                 log.info("CP %s attempt %d failed (%s); retrying", op, attempt - 1, last_error)
                 await asyncio.sleep(self._backoff(attempt - 1))
+            started = time.perf_counter()
             try:
                 async with self._http().request(
                     method,
@@ -185,23 +191,26 @@ class CpClient:
                     status = resp.status
                     raw = await resp.read()
             except _RETRYABLE_EXC as exc:
+                self._on_request(op, "retryable", time.perf_counter() - started)
                 last_error = _describe(exc, self._timeout.total)
                 continue
+            elapsed = time.perf_counter() - started
             if 200 <= status < 300 or status in also_ok:
-                if need is None:
-                    self.calls["ok"] += 1
-                    return None
-                answer = _json_object(raw)
-                if answer is not None and answer.get(need):
+                answer = None if need is None else _json_object(raw)
+                if need is None or (answer is not None and answer.get(need)):
+                    self._on_request(op, "ok", elapsed)
                     self.calls["ok"] += 1
                     return answer
                 # CP applied the call but the answer was mangled; the retry is idempotent.
+                self._on_request(op, "retryable", elapsed)
                 last_error = f"HTTP {status} answer without {need!r}"
                 continue
             message = _error_message(raw, status)
             if status == 429 or status >= 500:
+                self._on_request(op, "retryable", elapsed)
                 last_error = f"HTTP {status}: {message}"
                 continue
+            self._on_request(op, "rejected", elapsed)
             self.calls["rejected"] += 1
             raise CpRejected(
                 f"CP rejected {op}: {message}", {"op": op, "status": status, "error": message}

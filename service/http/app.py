@@ -22,13 +22,10 @@ from service.http.middleware import Auth, RateLimit, observe, observing, parse_t
 from service.http.openapi import build_openapi
 from service.http.serving import FRONT_DOOR, HOT_ROUTE, FrontDoor
 from service.observability import (
-    CACHE_COMPLETE,
-    DIVERGENCE_FOUND,
-    DIVERGENCE_REPAIRED,
-    SYNC_AGE,
     RequestMetrics,
     flush_request_metrics,
     metrics_text,
+    set_cache_gauges,
 )
 from service.settings import Settings
 
@@ -64,15 +61,11 @@ class Probes:
     async def refresh_gauges(self) -> None:
         """Cache state for /metrics, read from the meta hash at scrape time."""
         complete = await self._svc.cache_complete()
-        CACHE_COMPLETE.set(1 if complete else 0)
-        if self._freshness is None:
-            return
-        with contextlib.suppress(CacheUnavailable):
-            fresh = await self._freshness()
-            if "synchronized_on" in fresh:
-                SYNC_AGE.set(time.time() - fresh["synchronized_on"])
-            DIVERGENCE_FOUND.set(fresh.get("divergence_found", 0))
-            DIVERGENCE_REPAIRED.set(fresh.get("divergence_repaired", 0))
+        fresh = None
+        if self._freshness is not None:
+            with contextlib.suppress(CacheUnavailable):
+                fresh = await self._freshness()
+        set_cache_gauges(complete, fresh, time.time())
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -13,6 +20,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from service.bootstrap import Container, api_app
+from service.devstack import free_port
 from service.http.middleware import parse_tokens
 from service.observability import JsonFormatter
 from tests.conftest import ApiTestServer
@@ -175,3 +183,66 @@ def test_counter_bridge_copies_increments_once() -> None:
     bridge.sync()
     assert registry.get_sample_value("t_reads_total", {"source": "redis"}) == 10
     assert registry.get_sample_value("t_reads_total", {"source": "postgres"}) == 1
+
+
+def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path) -> None:
+    """`serve --workers 2`: whichever worker answers a scrape reports both workers'
+    requests (prometheus-client's multiprocess mode), and the cache's gauges."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SEGMENTS_DATABASE_URL": clean.settings.database_url,
+        "SEGMENTS_REDIS_URL": clean.settings.redis_url,
+        "SEGMENTS_LOG_LEVEL": "WARNING",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
+    # Our own interpreter and module, fixed arguments.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+    )
+    reads = 60
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        # A new connection each: the kernel spreads them over the two workers.
+        for user in range(1, reads + 1):
+            url = f"http://127.0.0.1:{port}/v1/users/{user}/segments"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                assert r.status == 200
+        # Each worker copies its numbers into the shared files every second.
+        deadline = time.monotonic() + 10
+        while True:
+            metrics = _scrape(port)
+            served = sum(
+                value
+                for labels, value in metrics.get("segments_http_requests_total", [])
+                if labels["route"] == "/v1/users/{user_id}/segments" and labels["status"] == "200"
+            )
+            if served == reads or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert served == reads
+        pids = {labels.get("pid") for labels, _ in metrics["segments_cache_complete"]}
+        assert metrics["segments_cache_complete"] == [({}, 1.0)], pids
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

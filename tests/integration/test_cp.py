@@ -273,3 +273,25 @@ async def test_emulator_admin(admin: aiohttp.ClientSession) -> None:
     st = await state(admin)
     assert st["calls"] == {"received": 0, "injected_errors": 0, "dropped": 0}
     assert st["segments"] == []
+
+
+async def test_every_attempt_is_timed_with_its_outcome(
+    cp: TestServer, admin: aiohttp.ClientSession
+) -> None:
+    heard: list[tuple[str, str, float]] = []
+    client = make_client(cp, on_request=lambda *attempt: heard.append(attempt))
+    try:
+        await set_faults(admin, fail_next=1, error_status=503, latency_ms=30)
+        segment_id = await client.create_segment("m1:a1", "Audience", EXPIRES)
+        await set_faults(admin, fail_next=1, error_status=400)
+        with pytest.raises(CpRejected):
+            await client.add_members(segment_id, [1], "sync-1")
+    finally:
+        await client.close()
+    assert [(op, outcome) for op, outcome, _ in heard] == [
+        ("create_segment", "retryable"),
+        ("create_segment", "ok"),
+        ("add_members", "rejected"),
+    ]
+    # The emulator's injected latency is in the first two.
+    assert all(seconds >= 0.03 for _, _, seconds in heard[:2])
