@@ -387,8 +387,12 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 def config_errors(settings: Settings, command: str) -> list[str]:
     """What is wrong with ``settings`` for running ``command``; empty when nothing is."""
     from service.http.middleware import parse_tokens
+    from service.http.schemas import MAX_ITEMS
 
     errors = []
+    if not 1 <= settings.max_list_length <= MAX_ITEMS:
+        # The API's schemas refuse longer lists before the setting is ever consulted.
+        errors.append(f"{ENV_PREFIX}MAX_LIST_LENGTH must be within 1..{MAX_ITEMS}")
     missing = [
         ENV_PREFIX + name.upper() for name in _NEEDS.get(command, ()) if not getattr(settings, name)
     ]

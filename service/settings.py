@@ -141,7 +141,7 @@ DOCS: dict[str, str] = {
     "http_workers": "API worker processes sharing the port (SO_REUSEPORT)",
     "http_uvloop": "run the API on uvloop",
     "max_body_bytes": "request body limit (except the internal audience endpoint)",
-    "max_list_length": "items per `add` / `remove` list, ids per batch read",
+    "max_list_length": "items per `add` / `remove` list, ids per batch read (at most 1000)",
     "db_pool_min": "asyncpg pool: minimum connections per process",
     "db_pool_max": "asyncpg pool: maximum connections per process",
     "db_command_timeout_s": "per-statement timeout",

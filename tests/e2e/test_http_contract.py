@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
+
+from service.bootstrap import Container
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> tuple[int, str]:
@@ -57,6 +62,25 @@ async def test_body_too_large(http: aiohttp.ClientSession) -> None:
         "/v1/users/5/segments", data=big, headers={"Content-Type": "application/json"}
     ) as r:
         assert await error_of(r) == (413, "payload_too_large")
+
+
+async def test_chunked_body_is_refused_at_the_limit(server: TestServer, clean: Container) -> None:
+    """A chunked body carries no Content-Length: it is refused once past the route's
+    limit (1 MiB), without waiting for the rest (which this client never sends)."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(
+            b"POST /v1/users/5/segments HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"x" * 65_536
+        for _ in range(24):  # 1.5 MiB, and no final chunk
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.split()[1] == b"413"
+    finally:
+        writer.close()
 
 
 async def test_list_too_long(http: aiohttp.ClientSession) -> None:

@@ -62,6 +62,7 @@ def test_missing_store_urls_exit_2_with_the_names(
         ("AUTH_TOKENS", "{not json", "SEGMENTS_AUTH_TOKENS"),
         ("AUTH_TOKENS", '{"a": {"token": "short", "scopes": ["read"]}}', "16 characters"),
         ("HTTP_PORT", "eighty", "http_port"),
+        ("MAX_LIST_LENGTH", "5000", "SEGMENTS_MAX_LIST_LENGTH must be within 1..1000"),
         ("NO_SUCH_THING", "1", "unknown setting"),
     ],
 )
