@@ -241,6 +241,8 @@ def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path)
                 break
             time.sleep(0.3)
         assert served == reads
+        # Every read was answered from Redis (counted by the domain, bridged per worker).
+        assert metrics["segments_user_reads_total"] == [({"source": "redis"}, float(reads))]
         pids = {labels.get("pid") for labels, _ in metrics["segments_cache_complete"]}
         assert metrics["segments_cache_complete"] == [({}, 1.0)], pids
     finally:

@@ -1,0 +1,73 @@
+"""`segments reconcile` as a process: its metrics port, gauges that keep time, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.bootstrap import Container
+from service.devstack import free_port
+
+
+def _gauges(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def test_reconciler_reports_sync_age_that_grows_between_scans(
+    clean: Container, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env |= {
+        "SEGMENTS_DATABASE_URL": clean.settings.database_url,
+        "SEGMENTS_REDIS_URL": clean.settings.redis_url,
+        "SEGMENTS_METRICS_PORT": str(port),
+        "SEGMENTS_SWEEP_INTERVAL_S": "0.2",  # a round (and the gauges) 5 times a second
+        "SEGMENTS_SCAN_INTERVAL_S": "3600",  # one scan, at start
+        "SEGMENTS_LOG_JSON": "false",
+    }
+    log = tmp_path / "reconcile.log"
+    with log.open("wb") as err:
+        # Our own interpreter and module, fixed arguments.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "reconcile"], env=env, stderr=err
+        )
+    try:
+        deadline = time.monotonic() + 30
+        gauges: dict[str, float] = {}
+        while "segments_cache_synchronized_age_seconds" not in gauges:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no sync age reported: {gauges}"
+            time.sleep(0.2)
+            try:
+                gauges = _gauges(port)
+            except OSError:
+                continue
+        assert gauges["segments_cache_complete"] == 1
+        assert gauges["segments_cache_divergence_found"] == 0
+        first = gauges["segments_cache_synchronized_age_seconds"]
+        time.sleep(1.5)
+        later = _gauges(port)["segments_cache_synchronized_age_seconds"]
+        # No scan since: the age grows with the clock (it sat at 0 before).
+        assert 1.0 <= later - first <= 3.0, (first, later)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
