@@ -323,7 +323,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             f"  {ENV_PREFIX}REDIS_URL={final.redis_url}\n"
             f"  {ENV_PREFIX}KAFKA_BOOTSTRAP={final.kafka_bootstrap}\n"
             f"  {ENV_PREFIX}CP_URL={final.cp_url}\n"
-            "Dev tokens (reads are open; writes need one; kept in var/dev-tokens.json):\n"
+            f"Dev tokens (reads are open; writes need one; kept in {data / 'dev-tokens.json'}):\n"
             + "".join(
                 f"  {name:<10} {t['token']}  scopes: {', '.join(t['scopes'])}\n"
                 for name, t in tokens.items()

@@ -5,6 +5,7 @@ second server serves the same app without it, and every answer is compared."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
@@ -145,3 +147,49 @@ def test_segments_serve_answers_and_stops_on_sigterm(settings: Settings) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_segments_serve_finishes_in_flight_requests_on_sigterm(
+    clean: Container, db: asyncpg.Connection
+) -> None:
+    """SIGTERM while a request waits on PostgreSQL: it is answered, then the server
+    exits 0.  (A request whose body is still arriving is cut instead: aiohttp drops
+    data that comes after shutdown begins.)"""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SEGMENTS_DATABASE_URL": clean.settings.database_url,
+        "SEGMENTS_REDIS_URL": clean.settings.redis_url,
+        "SEGMENTS_LOG_LEVEL": "WARNING",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--port", str(port), env=env
+    )
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with http.get("/healthz") as r:
+                        assert r.status == 200
+                    break
+                except aiohttp.ClientConnectionError:
+                    assert proc.returncode is None and time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+            lock = db.transaction()
+            await lock.start()
+            await db.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
+            write = asyncio.create_task(http.post("/v1/segments", json={"slug": "IN_FLIGHT"}))
+            await asyncio.sleep(0.5)  # the request now waits for the lock
+            assert not write.done()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert proc.returncode is None, "the server quit with a request in flight"
+            await lock.rollback()
+            async with await write as r:
+                assert r.status == 201, await r.text()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
