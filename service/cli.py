@@ -309,10 +309,20 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         # Children get their own session: Ctrl-C reaches only this supervisor, which
         # then stops them in order (API first, stores last).
+        metrics = ""
         for command in commands:
+            child_env = env
+            if command == ["reconcile"] and final.metrics_port:
+                # The consumer takes the configured metrics port; two processes cannot
+                # share it, so the reconciler takes the next one.
+                child_env = {**env, ENV_PREFIX + "METRICS_PORT": str(final.metrics_port + 1)}
+                metrics = (
+                    f"Metrics: http://{final.http_host}:{final.http_port}/metrics (API), "
+                    f":{final.metrics_port} (consumer), :{final.metrics_port + 1} (reconciler)\n"
+                )
             child = subprocess.Popen(  # nosec B603  # our own module, fixed argv, no shell
                 [sys.executable, "-m", "service.cli", *command],
-                env=env,
+                env=child_env,
                 start_new_session=True,
             )
             children.append(child)
@@ -329,7 +339,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 for name, t in tokens.items()
             )
             + f"  export TOKEN={tokens['dev']['token']}   # all scopes, for curl\n"
-            "Try: .venv/bin/segments produce-sample   (then GET /v1/merchants/42/segments/LOYAL)\n"
+            + metrics
+            + "Try: .venv/bin/segments produce-sample   "
+            "(then GET /v1/merchants/42/segments/LOYAL)\n"
             "Press Ctrl-C to stop everything.\n",
             flush=True,
         )

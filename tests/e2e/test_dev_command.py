@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -106,6 +107,31 @@ def _first_get(url: str, proc: subprocess.Popen[bytes], stderr: Path) -> tuple[i
         time.sleep(0.1)
 
 
+def _two_free_ports() -> int:
+    """A port whose next one is free too."""
+    for _ in range(20):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as probe:
+            probe.bind(("127.0.0.1", port + 1))
+            return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def _first_text(url: str, proc: subprocess.Popen[bytes], stderr: Path) -> tuple[int, str]:
+    """A process's metrics server may still be starting: retry, bounded."""
+    deadline = time.monotonic() + API_UP_WITHIN_S
+    while True:
+        assert proc.poll() is None, f"dev exited ({proc.returncode}):\n{_tail(stderr)}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+                if "segments_" in text or time.monotonic() > deadline:
+                    return resp.status, text
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, f"{url} not answering:\n{_tail(stderr)}"
+        time.sleep(0.2)
+
+
 def _alive(pid: int) -> bool:
     # A zombie (say, a PostgreSQL backend reparented to init) holds nothing: it counts as gone.
     try:
@@ -135,6 +161,7 @@ def test_dev_starts_everything_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     data = tmp_path / "data"
     stderr = tmp_path / "dev.stderr"
     port = free_port()
+    metrics_port = _two_free_ports()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -144,6 +171,8 @@ def test_dev_starts_everything_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         "SEGMENTS_DATA_DIR": str(data),
         "SEGMENTS_HTTP_PORT": str(port),
         "SEGMENTS_LOG_JSON": "false",
+        # The consumer takes this port, the reconciler the next one.
+        "SEGMENTS_METRICS_PORT": str(metrics_port),
     }
     tree: set[int] = set()
     with stderr.open("wb") as err:
@@ -188,6 +217,11 @@ def test_dev_starts_everything_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         assert status == 200, body
         status, body = _call("GET", f"{base}/v1/users/1/segments")
         assert status == 200 and "DEV_TEST" in body["segments"], body
+
+        # The consumer's and the reconciler's metrics, on ports of their own.
+        for at, metric in ((metrics_port, "kafka"), (metrics_port + 1, "cache_complete")):
+            status, text_ = _first_text(f"http://127.0.0.1:{at}/metrics", proc, stderr)
+            assert status == 200 and f"segments_{metric}" in text_, (at, text_[:500])
 
         # 3. Ctrl-C: the terminal signals the foreground group; children and servers are
         # in sessions of their own, so only the supervisor gets it and stops them.
