@@ -26,7 +26,7 @@ from service.domain.reconcile import Reconciler
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http import schemas
-from service.http.app import Probes, create_app
+from service.http.app import SYNC_METRICS, Probes, create_app
 from service.observability import (
     CP_CALLS,
     CP_SECONDS,
@@ -157,6 +157,7 @@ async def make_app(settings: Settings) -> web.Application:
 
     bridge = counter_bridge(container)
     bridge.add_flush(flush_request_metrics)
+    app[SYNC_METRICS] = bridge.sync  # a scrape then reports all of this worker's counts
     bridge_task = asyncio.create_task(bridge.run())
 
     async def close(_: web.Application) -> None:

@@ -29,6 +29,10 @@ from service.observability import (
 )
 from service.settings import Settings
 
+# What brings this process's plain counters into prometheus-client before a scrape
+# (the process's CounterBridge.sync when it has one; else only the request metrics).
+SYNC_METRICS: web.AppKey[Callable[[], None]] = web.AppKey("sync_metrics")
+
 SWAGGER_STATIC = Path(swagger_ui.__file__).parent / "static"
 
 DOCS_PAGE = """<!doctype html>
@@ -129,7 +133,7 @@ def create_app(
 
     async def metrics(request: web.Request) -> web.Response:
         await probes.refresh_gauges()
-        flush_request_metrics()
+        request.app.get(SYNC_METRICS, flush_request_metrics)()
         body, content_type = metrics_text()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
