@@ -309,20 +309,20 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         # Children get their own session: Ctrl-C reaches only this supervisor, which
         # then stops them in order (API first, stores last).
+        envs = {"reconcile": env}
         metrics = ""
+        if final.metrics_port:
+            # The consumer takes the configured metrics port; two processes cannot share
+            # it, so the reconciler takes the next one.
+            envs["reconcile"] = {**env, ENV_PREFIX + "METRICS_PORT": str(final.metrics_port + 1)}
+            metrics = (
+                f"Metrics: http://{final.http_host}:{final.http_port}/metrics (API), "
+                f":{final.metrics_port} (consumer), :{final.metrics_port + 1} (reconciler)\n"
+            )
         for command in commands:
-            child_env = env
-            if command == ["reconcile"] and final.metrics_port:
-                # The consumer takes the configured metrics port; two processes cannot
-                # share it, so the reconciler takes the next one.
-                child_env = {**env, ENV_PREFIX + "METRICS_PORT": str(final.metrics_port + 1)}
-                metrics = (
-                    f"Metrics: http://{final.http_host}:{final.http_port}/metrics (API), "
-                    f":{final.metrics_port} (consumer), :{final.metrics_port + 1} (reconciler)\n"
-                )
             child = subprocess.Popen(  # nosec B603  # our own module, fixed argv, no shell
                 [sys.executable, "-m", "service.cli", *command],
-                env=child_env,
+                env=envs.get(command[0], env),
                 start_new_session=True,
             )
             children.append(child)

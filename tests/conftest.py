@@ -7,6 +7,7 @@ tests never touch the dev data of `make run` or a developer's own servers.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from persistence.migrate import upgrade
 from service.bootstrap import Container, api_app, build
@@ -124,3 +126,14 @@ async def server(container: Container) -> AsyncIterator[TestServer]:
 async def http(server: TestServer, clean: Container) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as session:
         yield session
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A Prometheus text page (a process's /metrics): sample name -> [(labels, value)]."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples

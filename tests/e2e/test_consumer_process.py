@@ -15,15 +15,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.bootstrap import Container
 from service.devstack import free_port
 from service.domain.audiences import AudienceKey, AudienceNotFound
 from service.ingest.messages import AudienceMessage, encode
+from tests.conftest import scrape
 
 APPLIED = "segments_kafka_messages_applied_total"
 LAG = "segments_kafka_consumer_lag"
@@ -54,16 +53,12 @@ async def _until(
         await asyncio.sleep(0.2)
 
 
-async def _scrape(session: aiohttp.ClientSession, url: str) -> dict[str, dict[str, float]]:
-    """Sample name -> {partition label or "": value} from a Prometheus text page."""
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
-        assert r.status == 200
-        text = await r.text()
-    samples: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, {})[s.labels.get("partition", "")] = s.value
-    return samples
+def _by_partition(url: str) -> dict[str, dict[str, float]]:
+    """Sample name -> {partition label or "": value}."""
+    return {
+        name: {labels.get("partition", ""): value for labels, value in samples}
+        for name, samples in scrape(url).items()
+    }
 
 
 async def _send(producer: AIOKafkaProducer, topic: str, **fields: object) -> None:
@@ -177,26 +172,25 @@ async def test_consume_process_applies_reports_and_commits_on_sigterm(
 
             # Metrics: everything applied, no lag on any partition (they may trail a bit).
             last: dict[str, dict[str, float]] = {}
-            async with aiohttp.ClientSession() as session:
 
-                async def caught_up() -> bool:
-                    nonlocal last
-                    try:
-                        last = await _scrape(session, metrics_url)
-                    except (aiohttp.ClientError, TimeoutError):
-                        return False
-                    lag = last.get(LAG, {})
-                    return last.get(APPLIED, {}).get("", 0) >= produced and all(
-                        lag.get(str(tp.partition)) == 0 for tp in tps
-                    )
-
+            async def caught_up() -> bool:
+                nonlocal last
                 try:
-                    await _until(caught_up, 15, "metrics caught up", proc, stderr)
-                except AssertionError as exc:
-                    raise AssertionError(
-                        f"{exc}\nlast scrape: {APPLIED}={last.get(APPLIED)}"
-                        f" {LAG}={last.get(LAG)}; produced {produced}, partitions {tps}"
-                    ) from None
+                    last = await asyncio.to_thread(_by_partition, metrics_url)
+                except OSError:
+                    return False
+                lag = last.get(LAG, {})
+                return last.get(APPLIED, {}).get("", 0) >= produced and all(
+                    lag.get(str(tp.partition)) == 0 for tp in tps
+                )
+
+            try:
+                await _until(caught_up, 15, "metrics caught up", proc, stderr)
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"{exc}\nlast scrape: {APPLIED}={last.get(APPLIED)}"
+                    f" {LAG}={last.get(LAG)}; produced {produced}, partitions {tps}"
+                ) from None
             assert last[APPLIED][""] >= produced
             assert {p: last[LAG].get(str(p)) for p in sorted(partitions)} == dict.fromkeys(
                 sorted(partitions), 0

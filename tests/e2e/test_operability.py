@@ -23,7 +23,7 @@ from service.bootstrap import Container, api_app
 from service.devstack import free_port
 from service.http.middleware import parse_tokens
 from service.observability import JsonFormatter
-from tests.conftest import ApiTestServer
+from tests.conftest import ApiTestServer, scrape
 
 TOKENS = {
     "analytics": {"token": "a" * 32, "scopes": ["read", "write", "reports"]},
@@ -185,18 +185,6 @@ def test_counter_bridge_copies_increments_once() -> None:
     assert registry.get_sample_value("t_reads_total", {"source": "postgres"}) == 1
 
 
-def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
-
-
 def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path) -> None:
     """`serve --workers 2`: whichever worker answers a scrape reports both workers'
     requests (prometheus-client's multiprocess mode), and the cache's gauges."""
@@ -231,7 +219,7 @@ def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path)
         # Each worker copies its numbers into the shared files every second.
         deadline = time.monotonic() + 10
         while True:
-            metrics = _scrape(port)
+            metrics = scrape(f"http://127.0.0.1:{port}/metrics")
             served = sum(
                 value
                 for labels, value in metrics.get("segments_http_requests_total", [])

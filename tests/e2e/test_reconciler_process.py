@@ -7,23 +7,20 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.bootstrap import Container
 from service.devstack import free_port
+from tests.conftest import scrape
 
 
 def _gauges(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    """The process's metrics without labels."""
     return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if not sample.labels
+        name: value
+        for name, samples in scrape(f"http://127.0.0.1:{port}/metrics").items()
+        for labels, value in samples
+        if not labels
     }
 
 
