@@ -38,8 +38,12 @@ class FrontDoor:
     def __init__(
         self, layers: Sequence[Middleware], read: Callable[[str], Awaitable[web.StreamResponse]]
     ) -> None:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await read(request.path[len(_PREFIX) : -len(_SUFFIX)])
+        # Plain functions that return the next awaitable rather than coroutines that
+        # await it: each coroutine level costs a frame and a pass on every suspension
+        # and resumption (in-process, 64 reads in flight, replies a loop iteration
+        # later: 14.3 -> 13.8 us a read through the door).
+        def handler(request: web.Request) -> Awaitable[web.StreamResponse]:
+            return read(request.path[len(_PREFIX) : -len(_SUFFIX)])
 
         chain: Handler = handler
         for layer in reversed(layers):  # the first layer is the outermost, as in aiohttp
@@ -51,7 +55,7 @@ class FrontDoor:
         to ``app``."""
         chain = self._chain
 
-        async def handle(request: BaseRequest) -> web.StreamResponse:
+        def handle(request: BaseRequest) -> Awaitable[web.StreamResponse]:
             path = request.path
             if request.method == "GET" and path.startswith(_PREFIX) and path.endswith(_SUFFIX):
                 raw = path[len(_PREFIX) : -len(_SUFFIX)]
@@ -59,8 +63,8 @@ class FrontDoor:
                 # an Expect header, which aiohttp's app answers before the handler).
                 if raw.isdigit() and raw.isascii() and "Expect" not in request.headers:
                     # The app's request factory makes web.Request objects.
-                    return await chain(cast(web.Request, request))
-            return await app(request)
+                    return chain(cast(web.Request, request))
+            return app(request)
 
         return handle
 
