@@ -7,8 +7,13 @@ tests never touch the dev data of `make run` or a developer's own servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -20,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from persistence.migrate import upgrade
 from service.bootstrap import Container, api_app, build
 from service.cp.emulator import create_emulator_app
-from service.devstack import EmbeddedStack
+from service.devstack import EmbeddedStack, free_port
 from service.http.serving import ApiRunner
 from service.settings import Settings, load_settings
 
@@ -137,3 +142,38 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+@contextlib.contextmanager
+def serve_process(
+    settings: Settings, *args: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`segments serve` as a process on the session's stores (and a free port), once
+    it answers /healthz; killed on the way out if the test has not stopped it."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "SEGMENTS_DATABASE_URL": settings.database_url,
+        "SEGMENTS_REDIS_URL": settings.redis_url,
+        "SEGMENTS_LOG_LEVEL": "WARNING",
+        **(env or {}),
+    }
+    # Our own interpreter and module, fixed arguments.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args], env=full_env
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, f"serve exited with {proc.returncode}"
+                assert time.monotonic() < deadline, "serve did not answer within 30 s"
+                time.sleep(0.2)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

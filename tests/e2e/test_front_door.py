@@ -6,11 +6,7 @@ second server serves the same app without it, and every answer is compared."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -23,11 +19,11 @@ from aiohttp.typedefs import Middleware
 from aiohttp.web_request import BaseRequest
 
 from service.bootstrap import Container, api_app
-from service.devstack import free_port
 from service.http.middleware import Handler
 from service.http.serving import FrontDoor
 from service.observability import flush_request_metrics, metrics_text
 from service.settings import Settings
+from tests.conftest import serve_process
 from tests.e2e.test_experiments_api import create, update
 
 PATHS = [
@@ -119,34 +115,13 @@ async def test_a_door_wraps_its_layers_outermost_first() -> None:
 
 
 def test_segments_serve_answers_and_stops_on_sigterm(settings: Settings) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "SEGMENTS_DATABASE_URL": settings.database_url,
-        "SEGMENTS_REDIS_URL": settings.redis_url,
-        "SEGMENTS_LOG_LEVEL": "WARNING",
-    }
-    # Our own interpreter and module, fixed arguments.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                url = f"http://127.0.0.1:{port}/v1/users/1/segments"
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    assert r.status == 200
-                    assert r.headers["X-Request-Id"]
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    with serve_process(settings) as (proc, port):
+        url = f"http://127.0.0.1:{port}/v1/users/1/segments"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            assert r.status == 200
+            assert r.headers["X-Request-Id"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 async def test_segments_serve_finishes_in_flight_requests_on_sigterm(
@@ -155,27 +130,8 @@ async def test_segments_serve_finishes_in_flight_requests_on_sigterm(
     """SIGTERM while a request waits on PostgreSQL: it is answered, then the server
     exits 0.  (A request whose body is still arriving is cut instead: aiohttp drops
     data that comes after shutdown begins.)"""
-    port = free_port()
-    env = {
-        **os.environ,
-        "SEGMENTS_DATABASE_URL": clean.settings.database_url,
-        "SEGMENTS_REDIS_URL": clean.settings.redis_url,
-        "SEGMENTS_LOG_LEVEL": "WARNING",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "serve", "--port", str(port), env=env
-    )
-    try:
+    with serve_process(clean.settings) as (proc, port):
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with http.get("/healthz") as r:
-                        assert r.status == 200
-                    break
-                except aiohttp.ClientConnectionError:
-                    assert proc.returncode is None and time.monotonic() < deadline
-                    await asyncio.sleep(0.2)
             lock = db.transaction()
             await lock.start()
             await db.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
@@ -184,12 +140,8 @@ async def test_segments_serve_finishes_in_flight_requests_on_sigterm(
             assert not write.done()
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
-            assert proc.returncode is None, "the server quit with a request in flight"
+            assert proc.poll() is None, "the server quit with a request in flight"
             await lock.rollback()
             async with await write as r:
                 assert r.status == 201, await r.text()
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await asyncio.to_thread(proc.wait, 20) == 0

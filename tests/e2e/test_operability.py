@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -20,10 +17,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from service.bootstrap import Container, api_app
-from service.devstack import free_port
 from service.http.middleware import parse_tokens
 from service.observability import JsonFormatter
-from tests.conftest import ApiTestServer, scrape
+from tests.conftest import ApiTestServer, scrape, serve_process
 
 TOKENS = {
     "analytics": {"token": "a" * 32, "scopes": ["read", "write", "reports"]},
@@ -188,29 +184,9 @@ def test_counter_bridge_copies_increments_once() -> None:
 def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path) -> None:
     """`serve --workers 2`: whichever worker answers a scrape reports both workers'
     requests (prometheus-client's multiprocess mode), and the cache's gauges."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "SEGMENTS_DATABASE_URL": clean.settings.database_url,
-        "SEGMENTS_REDIS_URL": clean.settings.redis_url,
-        "SEGMENTS_LOG_LEVEL": "WARNING",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
-    }
-    # Our own interpreter and module, fixed arguments.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"],
-        env=env,
-    )
     reads = 60
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    multiprocess = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with serve_process(clean.settings, "--workers", "2", env=multiprocess) as (proc, port):
         # A new connection each: the kernel spreads them over the two workers.
         for user in range(1, reads + 1):
             url = f"http://127.0.0.1:{port}/v1/users/{user}/segments"
@@ -234,6 +210,5 @@ def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path)
             time.sleep(0.3)
         pids = {labels.get("pid") for labels, _ in metrics["segments_cache_complete"]}
         assert metrics["segments_cache_complete"] == [({}, 1.0)], pids
-    finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
