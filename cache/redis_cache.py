@@ -24,6 +24,7 @@ from cache import keys
 from cache.pipelined import PipelinedPool
 from service.domain.errors import CacheUnavailable
 from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, UserState
+from service.domain.promos import CustomerCounts, end_of_day
 
 T = TypeVar("T")
 
@@ -59,6 +60,21 @@ return out
 """
 
 # KEYS: the customer's bucket meta, the customer's key.
+# KEYS[1]: a customer's count key.  ARGV: version, pexpireat-ms, then promo/end pairs.
+_WRITE_COUNTS = """
+local v = redis.call('ZSCORE', KEYS[1], '#v')
+if v and -tonumber(v) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZADD', KEYS[1], -tonumber(ARGV[1]), '#v')
+for i = 3, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) end
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+"""
+
+# A count key with no active promo keeps its version this long, so that a late write of
+# an older state still finds it and loses.
+_EMPTY_COUNTS_TTL_S = 86_400
+
 _COUNT_SYNCED = """
 if not redis.call('HGET', KEYS[1], 'complete') then return false end
 return redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
@@ -277,6 +293,7 @@ class RedisCache:
         self._finish = client.register_script(_FINISH_REBUILD)
         self._renew = client.register_script(_RENEW_LEASE)
         self._count_synced = client.register_script(_COUNT_SYNCED)
+        self._write_counts = client.register_script(_WRITE_COUNTS)
         self._read_many = client.register_script(_READ_MANY)
 
     @classmethod
@@ -576,23 +593,33 @@ class RedisCache:
         return str(info["run_id"])
 
     # -- sync counters --------------------------------------------------------
-    # The mirror only grows (ZADD is idempotent) and entries stop counting when their
-    # end passes, so writers need no versions; keys expire with their last promo.
+    # A customer's key holds its counted promos (promo id -> end, Unix seconds) and its
+    # version under the member "#v" (score -version; no promo id starts with "#").
+    # Writes are versioned like the user keys: an older state never overwrites a newer.
 
-    async def add_synced(self, customer_ids: Sequence[int], promo_id: str, until: float) -> None:
-        await self.write_ledger([(cid, promo_id, until) for cid in customer_ids])
-
-    async def write_ledger(self, rows: Sequence[tuple[int, str, float]]) -> None:
+    async def write_counts(self, counts: Sequence[CustomerCounts]) -> None:
+        if not counts:
+            return
+        default_expiry = int((time.time() + _EMPTY_COUNTS_TTL_S) * 1000)
+        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        for c in counts:
+            ends = {promo: end_of_day(day).timestamp() for promo, day in c.promos.items()}
+            expire_at = int(max(ends.values()) * 1000) if ends else default_expiry
+            args: list[Any] = [c.version, expire_at]
+            for promo, until in ends.items():
+                args += [promo, repr(until)]
+            calls.append(((keys.synced(c.customer_id),), args))
         async with _guard(self._errors):
-            for start in range(0, len(rows), 10_000):
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for cid, promo, until in rows[start : start + 10_000]:
-                        key = keys.synced(cid)
-                        pipe.zadd(key, {promo: until})
-                        # GT: a key's expiry only moves later, to its last promo's end.
-                        pipe.pexpireat(key, int(until * 1000), gt=True)
-                        pipe.pexpireat(key, int(until * 1000), nx=True)
-                    await pipe.execute()
+            for start in range(0, len(calls), 10_000):
+                await self._script_calls(self._write_counts, calls[start : start + 10_000])
+
+    async def count_versions(self, customer_ids: Sequence[int]) -> list[int | None]:
+        """The version each customer's count key holds (None: no key, or no version)."""
+        async with _guard(self._errors), self._r.pipeline(transaction=False) as pipe:
+            for cid in customer_ids:
+                pipe.zscore(keys.synced(cid), "#v")
+            scores = await pipe.execute()
+        return [None if s is None else int(-s) for s in scores]
 
     async def synced_count(self, customer_id: int, now: float) -> int | None:
         async with _guard(self._errors):

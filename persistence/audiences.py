@@ -1,4 +1,4 @@
-"""Merchant audiences, Kafka positions and promo syncs in PostgreSQL.
+"""Merchant audiences and Kafka positions in PostgreSQL (promo syncs: promos.py).
 
 Bulk paths use COPY (asyncpg's binary ``copy_records_to_table``), never row-by-row
 inserts: a replace writes a new generation of member rows and switches the audience's
@@ -7,9 +7,7 @@ pointer to it in the same transaction, so readers see the old list or the new on
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 
@@ -19,7 +17,6 @@ from service.domain.audiences import (
     AudienceInfo,
     AudienceKey,
     StaleSnapshot,
-    SyncRecord,
 )
 
 # Interpolated into SQL (hence the B608 exemptions): a constant, never input; values
@@ -280,176 +277,3 @@ class PgAudienceStore:
                 key.segment_type,
             )
         return None if row is None or row["version"] == 0 else _info(row)
-
-    # -- promo sync -----------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def sync_session(self, promo_id: str) -> AsyncIterator[PgSyncSession]:
-        async with self._pg.connection() as conn:
-            # A session-level lock: it spans the CP calls, which must not run inside
-            # a transaction.  Concurrent syncs of one promo queue here.
-            unlocked = False
-            try:
-                await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", promo_id)
-                try:
-                    yield PgSyncSession(conn, promo_id)
-                finally:
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock(hashtextextended($1, 0))", promo_id
-                    )
-                    unlocked = True
-            finally:
-                if not unlocked:
-                    # The lock may be held (e.g. cancelled while locking or unlocking)
-                    # and the pool does not reset sessions (PgStore.connect): close the
-                    # session, which releases it, rather than hand it to another caller.
-                    conn.terminate()
-
-    async def unfinished_syncs(
-        self, older_than_s: float, max_attempts: int
-    ) -> list[tuple[str, AudienceKey, dt.date]]:
-        """Syncs a crash left pending or that CP failed, for the reconciler to retry."""
-        async with self._pg.connection() as conn:
-            rows = await conn.fetch(
-                "SELECT promo_id, merchant_id, segment_type, end_date FROM promo_syncs"
-                " WHERE status IN ('pending', 'failed') AND attempts < $2"
-                " AND updated_at < now() - make_interval(secs => $1)"
-                " AND end_date >= current_date ORDER BY updated_at LIMIT 100",
-                older_than_s,
-                max_attempts,
-            )
-        return [(r[0], AudienceKey(r[1], r[2]), r[3]) for r in rows]
-
-    async def active_sync_count(self, customer_id: int, today: dt.date) -> int:
-        async with self._pg.connection() as conn:
-            return int(
-                await conn.fetchval(
-                    "SELECT count(*) FROM sync_ledger WHERE customer_id = $1 AND end_date >= $2",
-                    customer_id,
-                    today,
-                )
-            )
-
-    async def active_ledger(
-        self, today: dt.date, batch: int
-    ) -> AsyncIterator[list[tuple[int, str, dt.date]]]:
-        async with self._pg.transaction(isolation="repeatable_read", readonly=True) as conn:
-            cursor = await conn.cursor(
-                "SELECT customer_id, promo_id, end_date FROM sync_ledger WHERE end_date >= $1",
-                today,
-            )
-            while rows := await cursor.fetch(batch):
-                yield [(r[0], r[1], r[2]) for r in rows]
-
-
-class PgSyncSession:
-    def __init__(self, conn: Conn, promo_id: str) -> None:
-        self._conn = conn
-        self._promo = promo_id
-
-    async def record(self) -> SyncRecord | None:
-        row = await self._conn.fetchrow(
-            "SELECT merchant_id, segment_type, end_date, status, synced, skipped, cp_segment_id"
-            " FROM promo_syncs WHERE promo_id = $1",
-            self._promo,
-        )
-        if row is None:
-            return None
-        return SyncRecord(
-            self._promo,
-            AudienceKey(row["merchant_id"], row["segment_type"]),
-            row["end_date"],
-            row["status"],
-            row["synced"],
-            row["skipped"],
-            row["cp_segment_id"],
-        )
-
-    async def prepare(
-        self, key: AudienceKey, end_date: dt.date, threshold: int, today: dt.date
-    ) -> SyncRecord:
-        async with self._conn.transaction():
-            audience = await self._conn.fetchrow(
-                "SELECT generation, version FROM audiences"
-                " WHERE merchant_id = $1 AND segment_type = $2 FOR SHARE",
-                key.merchant_id,
-                key.segment_type,
-            )
-            assert audience is not None
-            await self._conn.execute(
-                "INSERT INTO promo_syncs (promo_id, merchant_id, segment_type, end_date, status,"
-                " audience_version) VALUES ($1, $2, $3, $4, 'pending', $5)",
-                self._promo,
-                key.merchant_id,
-                key.segment_type,
-                end_date,
-                audience["version"],
-            )
-            # One set-based pass over the audience against the ledger (the truth):
-            # cheaper than one Redis round trip per customer.
-            synced = int(
-                (
-                    await self._conn.execute(
-                        """
-                        INSERT INTO promo_sync_members (promo_id, customer_id)
-                        SELECT $1, m.customer_id FROM audience_members m
-                        WHERE m.generation = $2 AND (
-                            SELECT count(*) FROM sync_ledger l
-                            WHERE l.customer_id = m.customer_id AND l.end_date >= $4
-                        ) < $3
-                        """,
-                        self._promo,
-                        audience["generation"],
-                        threshold,
-                        today,
-                    )
-                ).rsplit(" ", 1)[1]
-            )
-            total = await self._conn.fetchval(
-                "SELECT customers FROM audiences WHERE merchant_id = $1 AND segment_type = $2",
-                key.merchant_id,
-                key.segment_type,
-            )
-            skipped = total - synced
-            await self._conn.execute(
-                "UPDATE promo_syncs SET synced = $2, skipped = $3 WHERE promo_id = $1",
-                self._promo,
-                synced,
-                skipped,
-            )
-        return SyncRecord(self._promo, key, end_date, "pending", synced, skipped)
-
-    async def members(self) -> list[int]:
-        rows = await self._conn.fetch(
-            "SELECT customer_id FROM promo_sync_members WHERE promo_id = $1 ORDER BY customer_id",
-            self._promo,
-        )
-        return [r[0] for r in rows]
-
-    async def fail(self, error: str) -> None:
-        await self._conn.execute(
-            "UPDATE promo_syncs SET status = 'failed', attempts = attempts + 1,"
-            " last_error = $2, updated_at = now() WHERE promo_id = $1",
-            self._promo,
-            error[:1000],
-        )
-
-    async def complete(self, cp_segment_id: str) -> SyncRecord:
-        async with self._conn.transaction():
-            await self._conn.execute(
-                "INSERT INTO sync_ledger (customer_id, promo_id, end_date)"
-                " SELECT m.customer_id, p.promo_id, p.end_date"
-                " FROM promo_sync_members m JOIN promo_syncs p USING (promo_id)"
-                " WHERE p.promo_id = $1 ON CONFLICT DO NOTHING",
-                self._promo,
-            )
-            await self._conn.execute(
-                "UPDATE promo_syncs SET status = 'done', cp_segment_id = $2,"
-                " attempts = attempts + 1, last_error = NULL, updated_at = now()"
-                " WHERE promo_id = $1",
-                self._promo,
-                cp_segment_id,
-            )
-        record = await self.record()
-        assert record is not None
-        return record

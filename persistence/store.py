@@ -253,12 +253,24 @@ async def _release_as_is(conn: asyncpg.Connection) -> None:
 
 
 class PgStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float = 2.0) -> None:
         self._pool = pool
+        self._acquire_timeout = acquire_timeout
+        # For the pool metrics: connections handed out now, the most ever at once, and
+        # callers turned away because none came free in time.
+        self.in_use = 0
+        self.in_use_peak = 0
+        self.acquire_timeouts = 0
 
     @classmethod
     async def connect(
-        cls, url: str, *, min_size: int = 2, max_size: int = 20, command_timeout: float = 5.0
+        cls,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 20,
+        command_timeout: float = 5.0,
+        acquire_timeout: float = 2.0,
     ) -> PgStore:
         try:
             pool = await asyncpg.create_pool(
@@ -272,7 +284,11 @@ class PgStore:
             )
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool)
+        return cls(pool, acquire_timeout)
+
+    @property
+    def max_size(self) -> int:
+        return self._pool.get_max_size()
 
     async def close(self) -> None:
         await self._pool.close()
@@ -280,16 +296,30 @@ class PgStore:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
         try:
-            async with self._pool.acquire() as conn:
-                try:
-                    yield conn
-                except _CONNECTION_ERRORS:
-                    # The connection may be half-way through a protocol exchange: never
-                    # hand it to the next caller.
-                    conn.terminate()
-                    raise
+            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError as exc:
+            self.acquire_timeouts += 1
+            raise StorageUnavailable(
+                "every PostgreSQL connection is busy; nothing was changed, retry shortly",
+                {"retry_after_s": 1},
+            ) from exc
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
+        self.in_use += 1
+        self.in_use_peak = max(self.in_use_peak, self.in_use)
+        try:
+            try:
+                yield conn
+            except _CONNECTION_ERRORS:
+                # The connection may be half-way through a protocol exchange: never
+                # hand it to the next caller.
+                conn.terminate()
+                raise
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
+        finally:
+            self.in_use -= 1
+            await self._pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self, **options: Any) -> AsyncIterator[Conn]:

@@ -172,7 +172,7 @@ promo_syncs = Table(
     Column("merchant_id", BigInteger, nullable=False),
     Column("segment_type", Text, nullable=False),
     Column("end_date", Date, nullable=False),
-    Column("status", Text, nullable=False),
+    Column("state", Text, nullable=False),
     Column("synced", BigInteger, nullable=False, server_default="0"),
     Column("skipped", BigInteger, nullable=False, server_default="0"),
     Column("cp_segment_id", Text),
@@ -181,13 +181,16 @@ promo_syncs = Table(
     Column("last_error", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-)
-
-promo_sync_members = Table(
-    "promo_sync_members",
-    metadata,
-    Column("promo_id", Text, ForeignKey("promo_syncs.promo_id"), primary_key=True),
-    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+    # Migration 0004: the attempt in flight (fencing token and lease) and the external
+    # id of the CP segment in force.
+    Column("attempt_token", Text),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("cp_external_id", Text),
+    Index(
+        "promo_syncs_leased",
+        "lease_until",
+        postgresql_where=text("state = 'in_progress'"),
+    ),
 )
 
 sync_ledger = Table(
@@ -197,7 +200,42 @@ sync_ledger = Table(
     Column("promo_id", Text, primary_key=True),
     Column("end_date", Date, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # reserved (an attempt in flight), active (synced), leaving (an update removes it).
+    Column("state", Text, nullable=False, server_default="active"),
     Index("sync_ledger_active", "customer_id", "end_date"),
+    Index("sync_ledger_promo", "promo_id"),
+)
+
+# One row per customer ever counted: its row lock serialises slot reservations, and
+# its version orders the writes of the customer's counts to the Redis mirror.
+sync_customers = Table(
+    "sync_customers",
+    metadata,
+    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False, server_default="0"),
+)
+
+# Customers whose counts changed and are not yet confirmed in the Redis mirror.
+counter_outbox = Table(
+    "counter_outbox",
+    metadata,
+    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("counter_outbox_created", "created_at"),
+)
+
+# CP segments to delete (a failed, abandoned or cancelled sync's).
+cp_cleanup = Table(
+    "cp_cleanup",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("promo_id", Text, nullable=False),
+    Column("external_id", Text, nullable=False, unique=True),
+    Column("segment_id", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 # -- cache outbox (migration 0003) ------------------------------------------------------

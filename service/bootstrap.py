@@ -18,10 +18,12 @@ from aiohttp import web
 
 from cache.redis_cache import RedisCache
 from persistence.audiences import PgAudienceStore
+from persistence.promos import PgPromoStore
 from persistence.store import PgStore
 from persistence.urls import asyncpg_url
 from service.cp.client import CpClient
 from service.domain.audiences import AudienceService
+from service.domain.promos import PromoService
 from service.domain.reconcile import Reconciler
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
@@ -30,6 +32,10 @@ from service.http.app import SYNC_METRICS, Probes, create_app
 from service.observability import (
     CP_CALLS,
     CP_SECONDS,
+    DB_ACQUIRE_TIMEOUTS,
+    DB_POOL_IN_USE_PEAK,
+    DB_POOL_SIZE,
+    PROMO_ERRORS,
     READS,
     SYNCS,
     CounterBridge,
@@ -51,6 +57,8 @@ class Container:
     reports: HistoryReports
     audience_store: PgAudienceStore
     audiences: AudienceService
+    promo_store: PgPromoStore
+    promos: PromoService
     cp: CpClient
     reconciler: Reconciler
 
@@ -68,6 +76,7 @@ async def build(settings: Settings) -> Container:
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         command_timeout=settings.db_command_timeout_s,
+        acquire_timeout=settings.db_acquire_timeout_s,
     )
     cache = RedisCache.from_url(
         settings.redis_url,
@@ -97,17 +106,21 @@ async def build(settings: Settings) -> Container:
         settings.cp_url or "http://127.0.0.1:9/",
         timeout_s=settings.cp_timeout_s,
         max_attempts=settings.cp_max_attempts,
+        rate_limit_per_s=settings.cp_rate_limit_per_s,
         on_request=lambda op, outcome, seconds: CP_SECONDS.labels(op, outcome).observe(seconds),
     )
-    audiences = AudienceService(
-        audience_store,
+    audiences = AudienceService(audience_store, max_ids=schemas.MAX_AUDIENCE_IDS)
+    promo_store = PgPromoStore(store)
+    promos = PromoService(
+        promo_store,
         cache,
         cp,
         threshold=settings.sync_threshold,
-        max_ids=schemas.MAX_AUDIENCE_IDS,
+        deadline_s=settings.sync_deadline_s,
+        horizon_days=settings.sync_horizon_days,
     )
-    segments.add_rebuild_phase(audiences.rebuild_counters)
-    reconciler = Reconciler(store, cache, segments, audiences, audience_store)
+    segments.add_rebuild_phase(promos.rebuild_counters)
+    reconciler = Reconciler(store, cache, segments, promos)
     # Everything built so far (modules, the app's objects) lives as long as the process:
     # keep it out of the cyclic collector's full passes.  Those passes rescanned it
     # while a cache rebuild allocated millions of objects: a rebuild of 100,000 users
@@ -115,7 +128,17 @@ async def build(settings: Settings) -> Container:
     gc.collect()
     gc.freeze()
     return Container(
-        settings, store, cache, segments, reports, audience_store, audiences, cp, reconciler
+        settings,
+        store,
+        cache,
+        segments,
+        reports,
+        audience_store,
+        audiences,
+        promo_store,
+        promos,
+        cp,
+        reconciler,
     )
 
 
@@ -126,6 +149,7 @@ def api_app(container: Container, settings: Settings | None = None) -> web.Appli
         segments=container.segments,
         reports=container.reports,
         audiences=container.audiences,
+        promos=container.promos,
         probes=Probes(
             container.segments,
             container.store.ping,
@@ -146,7 +170,20 @@ def counter_bridge(container: Container) -> CounterBridge:
         lambda name, n: READS.labels(name).inc(n),
     )
     bridge.add(lambda: dict(container.cp.calls), lambda name, n: CP_CALLS.labels(name).inc(n))
-    bridge.add(lambda: dict(container.audiences.syncs), lambda name, n: SYNCS.labels(name).inc(n))
+    promos = container.promos
+    bridge.add(lambda: dict(promos.syncs), lambda name, n: SYNCS.labels(name).inc(n))
+    bridge.add(lambda: dict(promos.errors), lambda name, n: PROMO_ERRORS.labels(name).inc(n))
+    bridge.add(
+        lambda: {"timeouts": container.store.acquire_timeouts},
+        lambda name, n: DB_ACQUIRE_TIMEOUTS.inc(n),
+    )
+    store = container.store
+
+    def pool_gauges() -> None:
+        DB_POOL_IN_USE_PEAK.set(store.in_use_peak)
+        DB_POOL_SIZE.set(store.max_size)
+
+    bridge.add_flush(pool_gauges)
     return bridge
 
 

@@ -405,6 +405,14 @@ def config_errors(settings: Settings, command: str) -> list[str]:
     if not 1 <= settings.max_list_length <= MAX_ITEMS:
         # The API's schemas refuse longer lists before the setting is ever consulted.
         errors.append(f"{ENV_PREFIX}MAX_LIST_LENGTH must be within 1..{MAX_ITEMS}")
+    if settings.sync_threshold < 1:
+        errors.append(f"{ENV_PREFIX}SYNC_THRESHOLD must be at least 1")
+    for name in ("sync_deadline_s", "cp_timeout_s", "cp_rate_limit_per_s", "db_acquire_timeout_s"):
+        if not getattr(settings, name) > 0:
+            errors.append(f"{ENV_PREFIX}{name.upper()} must be greater than 0")
+    if not 0 <= settings.sync_horizon_days <= 3650:
+        # Past ~10 years an end_date is a typo, and far dates overflow expiry arithmetic.
+        errors.append(f"{ENV_PREFIX}SYNC_HORIZON_DAYS must be within 0..3650")
     missing = [
         ENV_PREFIX + name.upper() for name in _NEEDS.get(command, ()) if not getattr(settings, name)
     ]

@@ -52,6 +52,26 @@ CP_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 SYNCS = Counter("segments_promo_syncs_total", "Promo syncs by result", ["result"])
+PROMO_ERRORS = Counter(
+    "segments_promo_errors_total",
+    "Promo work that failed and is retried: cleanup (a CP segment not deleted yet),"
+    " abandon (undoing an abandoned attempt), mirror (a count not written to Redis)",
+    ["kind"],
+)
+DB_ACQUIRE_TIMEOUTS = Counter(
+    "segments_db_pool_acquire_timeouts_total",
+    "Requests answered 503 because no pooled PostgreSQL connection came free in time",
+)
+DB_POOL_IN_USE_PEAK = Gauge(
+    "segments_db_pool_in_use_peak",
+    "Most pooled PostgreSQL connections in use at once since the process started",
+    multiprocess_mode="max",
+)
+DB_POOL_SIZE = Gauge(
+    "segments_db_pool_max_size",
+    "Size limit of each process's PostgreSQL pool",
+    multiprocess_mode="max",
+)
 KAFKA_APPLIED = Counter("segments_kafka_messages_applied_total", "Kafka messages applied")
 KAFKA_DLQ = Counter("segments_kafka_messages_dead_lettered_total", "Messages set aside to the DLQ")
 KAFKA_LAG = Gauge(

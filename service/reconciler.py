@@ -2,7 +2,8 @@
 
 Each round: rebuild the Redis copy if it is incomplete, else drain the cache outbox;
 end expired memberships; and on slower clocks keep history partitions ahead, scan
-every user for divergence, and finish or retry promo syncs.  Every step is
+every user (and customer count) for divergence, undo abandoned promo attempts and
+delete what failed ones left in CP.  Every step is
 idempotent and safe with several reconcilers at once.
 """
 
@@ -53,6 +54,9 @@ async def run(container: Container, stop: asyncio.Event) -> None:
 
     async def scan() -> None:
         if await container.cache.is_complete():
+            repaired = await container.promos.scan_counts()
+            if repaired:
+                log.info("scan: %d customers' sync counts repaired in Redis", repaired)
             result = await reconciler.scan()
             log.info(
                 "scan: %d users, %d behind, %d repaired",
@@ -71,7 +75,7 @@ async def run(container: Container, stop: asyncio.Event) -> None:
         _Every(0, reconciler.step),
         _Every(0, sweep),
         _Every(settings.scan_interval_s, scan),
-        _Every(settings.sync_retry_interval_s, reconciler.retry_syncs),
+        _Every(settings.sync_undo_interval_s, reconciler.promo_round),
         _Every(0, gauges),
     ]
     while not stop.is_set():

@@ -34,6 +34,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_pool_min: int = 2
     db_pool_max: int = 20
     db_command_timeout_s: float = 5.0
+    # Waiting for a free pooled connection: past this, 503 with Retry-After, never a hang.
+    db_acquire_timeout_s: float = 2.0
 
     # Redis.  Timeouts are short on purpose: a slow or paused Redis must make reads
     # fall back to PostgreSQL quickly rather than hang the request.
@@ -59,12 +61,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     public_base_url: str = ""
 
     # Reconciler: the round (outbox drain, expiry sweep) runs every sweep_interval_s; a
-    # full version scan every scan_interval_s; unfinished promo syncs are retried
-    # every sync_retry_interval_s.
+    # full version scan every scan_interval_s; abandoned promo attempts are undone and
+    # CP clean-ups retried every sync_undo_interval_s.
     sweep_interval_s: float = 1.0
     sweep_batch: int = 1000
     scan_interval_s: float = 300.0
-    sync_retry_interval_s: float = 30.0
+    sync_undo_interval_s: float = 5.0
     # After Redis fails to answer, reads go straight to PostgreSQL for this long
     # before trying Redis again (so a paused Redis does not cost every request a
     # timeout).
@@ -82,9 +84,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     # Promo sync to CP.
     cp_url: str = ""
-    cp_timeout_s: float = 2.0
+    cp_timeout_s: float = 5.0
     cp_max_attempts: int = 4
+    # Requests per second toward CP, shared by every sync of one process.
+    cp_rate_limit_per_s: float = 50.0
+    # The most active synced promos a customer may be counted in.
     sync_threshold: int = 5
+    # One deadline for a whole sync call: every CP call and retry fits in it.
+    sync_deadline_s: float = 10.0
+    # How far ahead a promo's end_date may be.
+    sync_horizon_days: int = 366
 
     # Auth between services: JSON {"caller": {"token": "...", "scopes": [...]}} with
     # scopes among read, write, internal, sync, reports.  Empty: no auth (dev only;
@@ -159,7 +168,7 @@ DOCS: dict[str, str] = {
     "sweep_interval_s": "reconciler round: outbox drain and expiry sweep",
     "sweep_batch": "users per expiry-sweep transaction",
     "scan_interval_s": "full version scan of Redis against PostgreSQL",
-    "sync_retry_interval_s": "retry of failed or unfinished promo syncs",
+    "sync_undo_interval_s": "undo of abandoned promo attempts and CP clean-ups",
     "cache_retry_after_s": "after Redis fails, reads skip it for this long",
     "max_audience_body_bytes": "body limit of the internal audience endpoint",
     "kafka_topic": "topic of merchant audiences",
@@ -171,6 +180,10 @@ DOCS: dict[str, str] = {
     "cp_timeout_s": "per-call timeout to CP",
     "cp_max_attempts": "attempts per CP call (jittered backoff between)",
     "sync_threshold": "customers with this many active synced segments are skipped",
+    "cp_rate_limit_per_s": "requests per second toward CP, per process",
+    "sync_deadline_s": "deadline of a whole sync call, CP retries included",
+    "sync_horizon_days": "how many days ahead a promo's end_date may be",
+    "db_acquire_timeout_s": "wait for a pooled PostgreSQL connection before 503",
     "auth_tokens": "JSON `{caller: {token, scopes}}`; empty disables auth (dev only)",
     "auth_open_reads": "let read routes through without a token",
     "rate_limit_per_s": "requests per second per caller (0: no limit)",

@@ -16,7 +16,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -47,7 +47,8 @@ class _Segment:
     name: str
     expires_at: str
     members: set[int] = dataclasses.field(default_factory=set)
-    # Idempotency-Key -> (digest of the ids sent, the first answer).
+    # Idempotency-Key -> (digest of the call and the ids sent, the first answer).  Add
+    # and remove share it, as CP's does.
     applied: dict[str, tuple[bytes, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     def view(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ def create_emulator_app(*, seed: int = 0) -> web.Application:
     app[CP] = _Cp(seed)
     app.router.add_put("/v1/segments/{external_id}", _put_segment)
     app.router.add_post("/v1/segments/{segment_id}/members", _add_members)
+    app.router.add_post("/v1/segments/{segment_id}/members/remove", _remove_members)
     app.router.add_get("/v1/segments/{segment_id}", _get_segment)
     app.router.add_delete("/v1/segments/{segment_id}", _delete_segment)
     app.router.add_post("/_admin/faults", _set_faults)
@@ -187,6 +189,17 @@ async def _put_segment(request: web.Request) -> web.Response:
 
 
 async def _add_members(request: web.Request) -> web.Response:
+    return await _change_members(request, "added")
+
+
+async def _remove_members(request: web.Request) -> web.Response:
+    return await _change_members(request, "removed")
+
+
+async def _change_members(
+    request: web.Request, change: Literal["added", "removed"]
+) -> web.Response:
+    """Add (``change == "added"``) or remove ids, idempotent by ``Idempotency-Key``."""
     cp = request.app[CP]
     segment = cp.segments.get(request.match_info["segment_id"])
     if segment is None:
@@ -202,17 +215,22 @@ async def _add_members(request: web.Request) -> web.Response:
         return _error(400, "customer_ids must be a list of integers")
     if not 1 <= len(ids) <= MAX_BATCH:
         return _error(400, f"customer_ids must hold 1..{MAX_BATCH} ids, got {len(ids)}")
-    digest = hashlib.sha256(orjson.dumps(ids)).digest()
+    # The call is part of the digest: a key first used to add must not replay that
+    # answer for a remove (nor the other way round); it is a different request.
+    digest = hashlib.sha256(change.encode() + orjson.dumps(ids)).digest()
     stored = segment.applied.get(key)
     if stored is not None:
         if stored[0] != digest:
             return _error(422, "Idempotency-Key reused with a different body")
         return _ok(stored[1])
     before = len(segment.members)
-    segment.members.update(ids)
+    if change == "added":
+        segment.members.update(ids)
+    else:
+        segment.members.difference_update(ids)
     answer = {
         "segment_id": segment.segment_id,
-        "added": len(segment.members) - before,
+        change: abs(len(segment.members) - before),
         "members": len(segment.members),
     }
     segment.applied[key] = (digest, answer)
@@ -270,7 +288,13 @@ def _check_faults(f: Faults) -> str | None:
 async def _state(request: web.Request) -> web.Response:
     cp = request.app[CP]
     segments = [
-        {**s.view(), "name": s.name, "applied_keys": len(s.applied)} for s in cp.segments.values()
+        {
+            **s.view(),
+            "name": s.name,
+            "applied_keys": len(s.applied),
+            "member_ids": sorted(s.members),
+        }
+        for s in cp.segments.values()
     ]
     return _ok({"segments": segments, "calls": cp.calls, "faults": dataclasses.asdict(cp.faults)})
 

@@ -1,28 +1,20 @@
-"""Merchant audiences and promo sync: the rules and the use cases.
+"""Merchant audiences: the rules and the use cases.
 
 An audience is ``(merchant_id, segment_type) -> customer_ids``.  Data engineering sends
-them on Kafka (and through the internal endpoint); MPS asks to sync one to CP for a
-promo.  The HTTP handlers and the Kafka consumer both call ``AudienceService``.
+them on Kafka (and through the internal endpoint); MPS syncs one to CP for a promo
+(``service/domain/promos.py``).  The HTTP handlers and the Kafka consumer both call
+``AudienceService``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from service.domain.errors import (
-    CacheUnavailable,
-    CpRejected,
-    CpUnavailable,
-    DomainError,
-    InvalidRequest,
-)
-from service.domain.ports import CpGateway
+from service.domain.errors import DomainError, InvalidRequest
 from service.domain.rules import USER_ID_MAX, USER_ID_MIN, check_text, is_valid_slug
 
 log = logging.getLogger(__name__)
@@ -38,10 +30,6 @@ class AudienceNotFound(DomainError):
 
 class AudienceEmpty(DomainError):
     code = "audience_empty"
-
-
-class PromoConflict(DomainError):
-    code = "promo_conflict"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,48 +79,6 @@ class StaleSnapshot:
     parts: int
 
 
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    promo_id: str
-    synced: int
-    skipped_over_threshold: int
-    cp_segment_id: str
-
-
-@dataclass(slots=True)
-class SyncRecord:
-    """What the store knows about a promo's sync."""
-
-    promo_id: str
-    key: AudienceKey
-    end_date: dt.date
-    status: str
-    synced: int = 0
-    skipped: int = 0
-    cp_segment_id: str | None = None
-    members: list[int] = field(default_factory=list)
-
-
-class SyncSession(Protocol):
-    """A promo's sync, holding the promo's lock until it ends."""
-
-    async def record(self) -> SyncRecord | None: ...
-
-    async def prepare(
-        self, key: AudienceKey, end_date: dt.date, threshold: int, today: dt.date
-    ) -> SyncRecord:
-        """Fix the customers to push (under the threshold), recorded as `pending`."""
-        ...
-
-    async def members(self) -> list[int]: ...
-
-    async def fail(self, error: str) -> None: ...
-
-    async def complete(self, cp_segment_id: str) -> SyncRecord:
-        """Count the pushed customers in the ledger and mark the sync done."""
-        ...
-
-
 class AudienceStore(Protocol):
     async def apply(self, change: AudienceChange) -> AudienceInfo | None:
         """Apply one change in its own transaction (None: a snapshot part was staged)."""
@@ -151,30 +97,6 @@ class AudienceStore(Protocol):
     async def get(self, key: AudienceKey) -> AudienceInfo | None: ...
 
     async def discard_stale_parts(self, older_than_s: float) -> list[StaleSnapshot]: ...
-
-    def sync_session(self, promo_id: str) -> AbstractAsyncContextManager[SyncSession]: ...
-
-    async def active_sync_count(self, customer_id: int, today: dt.date) -> int: ...
-
-    def active_ledger(
-        self, today: dt.date, batch: int
-    ) -> AsyncIterator[list[tuple[int, str, dt.date]]]:
-        """Ledger rows (customer_id, promo_id, end_date) still counting on ``today``."""
-        ...
-
-
-class CounterCache(Protocol):
-    """The Redis mirror of the per-customer counters of active synced segments."""
-
-    async def add_synced(
-        self, customer_ids: Sequence[int], promo_id: str, until: float
-    ) -> None: ...
-
-    async def synced_count(self, customer_id: int, now: float) -> int | None:
-        """None when the cache is not complete (the caller asks PostgreSQL)."""
-        ...
-
-    async def write_ledger(self, rows: Sequence[tuple[int, str, float]]) -> None: ...
 
 
 # -- rules --------------------------------------------------------------------------
@@ -226,11 +148,6 @@ def check_change(change: AudienceChange, limit: int) -> AudienceChange:
     return change
 
 
-def end_of_day(day: dt.date) -> dt.datetime:
-    """A promo ends at the end of its end_date, UTC: the first instant of the next day."""
-    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
-
-
 # -- use cases ----------------------------------------------------------------------
 
 
@@ -238,21 +155,11 @@ class AudienceService:
     def __init__(
         self,
         store: AudienceStore,
-        counters: CounterCache,
-        cp: CpGateway,
         *,
-        threshold: int = 5,
         max_ids: int = 1_000_000,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._counters = counters
-        self._cp = cp
-        self._threshold = threshold
         self._max_ids = max_ids
-        self._clock = clock
-        # Outcomes of sync calls, for metrics.
-        self.syncs = {"done": 0, "repeated": 0, "failed": 0}
 
     async def apply(self, change: AudienceChange) -> AudienceInfo | None:
         return await self._store.apply(check_change(change, self._max_ids))
@@ -271,77 +178,6 @@ class AudienceService:
         if info is None:
             raise AudienceNotFound(f"no audience for {key}", {"audience": str(key)})
         return info
-
-    async def sync(self, key: AudienceKey, promo_id: str, end_date: dt.date) -> SyncResult:
-        """Push the audience to CP for a promo, once per promo, counting each customer once.
-
-        The promo's lock is held for the whole sync, so concurrent calls for one promo
-        run one after the other and the later ones return the first one's answer.
-        """
-        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
-        if end_date < today:
-            raise InvalidRequest("end_date is in the past", {"end_date": end_date.isoformat()})
-        if not is_valid_slug(promo_id):
-            raise InvalidRequest(
-                "promo_id must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", {"promo_id": promo_id}
-            )
-        async with self._store.sync_session(promo_id) as session:
-            record = await session.record()
-            if record is not None and (record.key != key or record.end_date != end_date):
-                raise PromoConflict(
-                    f"promo {promo_id!r} was synced with another audience or end_date",
-                    {"audience": str(record.key), "end_date": record.end_date.isoformat()},
-                )
-            if record is not None and record.status == "done":
-                assert record.cp_segment_id is not None
-                self.syncs["repeated"] += 1
-                return SyncResult(promo_id, record.synced, record.skipped, record.cp_segment_id)
-            if record is None:
-                if await self._store.get(key) is None:
-                    raise AudienceNotFound(f"no audience for {key}", {"audience": str(key)})
-                record = await session.prepare(key, end_date, self._threshold, today)
-                if record.synced + record.skipped == 0:
-                    raise AudienceEmpty(f"the audience {key} has no customers")
-            members = await session.members()
-            try:
-                cp_segment_id = await self._cp.create_segment(
-                    f"mss-promo-{promo_id}", f"{key} promo {promo_id}", end_of_day(end_date)
-                )
-                await self._cp.add_members(cp_segment_id, members, f"mss-promo-{promo_id}")
-            except (CpUnavailable, CpRejected) as exc:
-                await session.fail(exc.message)
-                self.syncs["failed"] += 1
-                raise
-            done = await session.complete(cp_segment_id)
-            self.syncs["done"] += 1
-        try:
-            await self._counters.add_synced(members, promo_id, end_of_day(end_date).timestamp())
-        except CacheUnavailable:
-            log.warning("sync counters not mirrored to Redis; the next rebuild restores them")
-        return SyncResult(promo_id, done.synced, done.skipped, cp_segment_id)
-
-    async def sync_count(self, customer_id: int) -> int:
-        if not USER_ID_MIN <= customer_id <= USER_ID_MAX:
-            raise InvalidRequest(
-                "customer_id must be an integer in 1..2^63-1", {"customer_id": customer_id}
-            )
-        now = self._clock()
-        try:
-            cached = await self._counters.synced_count(customer_id, now)
-        except CacheUnavailable:
-            cached = None
-        if cached is not None:
-            return cached
-        today = dt.datetime.fromtimestamp(now, dt.UTC).date()
-        return await self._store.active_sync_count(customer_id, today)
-
-    async def rebuild_counters(self) -> None:
-        """Rebuild phase: copy the active ledger into the Redis mirror."""
-        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
-        async for rows in self._store.active_ledger(today, 10_000):
-            await self._counters.write_ledger(
-                [(cid, promo, end_of_day(end).timestamp()) for cid, promo, end in rows]
-            )
 
     async def discard_stale_snapshots(self, older_than_s: float) -> list[StaleSnapshot]:
         stale = await self._store.discard_stale_parts(older_than_s)

@@ -118,15 +118,35 @@ class CpGateway(Protocol):
     """The downstream targeting service ("CP").  Contract: docs/cp-contract.md.
 
     Every call is idempotent (by external id, or by an idempotency key), so a retry
-    after a lost response never applies anything twice.
+    after a lost response never applies anything twice.  ``deadline`` is a
+    ``time.monotonic()`` instant after which no attempt starts (CpUnavailable then).
     """
 
-    async def create_segment(self, external_id: str, name: str, expires_at: dt.datetime) -> str:
-        """Create (or find) the CP segment for ``external_id``; return CP's segment id."""
+    async def create_segment(
+        self, external_id: str, name: str, expires_at: dt.datetime, *, deadline: float | None
+    ) -> str:
+        """Create (or find) the CP segment for ``external_id``, setting its expiry;
+        return CP's segment id."""
         ...
 
     async def add_members(
-        self, segment_id: str, customer_ids: Sequence[int], idempotency_key: str
-    ) -> None:
-        """Add members (at most ``CpGateway.max_batch`` per call)."""
+        self,
+        segment_id: str,
+        customer_ids: Sequence[int],
+        idempotency_key: str,
+        *,
+        deadline: float | None,
+    ) -> None: ...
+
+    async def remove_members(
+        self,
+        segment_id: str,
+        customer_ids: Sequence[int],
+        idempotency_key: str,
+        *,
+        deadline: float | None,
+    ) -> None: ...
+
+    async def delete_segment(self, segment_id: str, *, deadline: float | None) -> None:
+        """Delete the segment; an unknown segment counts as deleted."""
         ...

@@ -1,23 +1,21 @@
 """The reconciler's use cases: make Redis agree with PostgreSQL, and finish what crashed.
 
 Every step is idempotent and safe to run in several processes at once: outbox rows
-are claimed with SKIP LOCKED, cache writes are versioned, and promo syncs take the
-promo's lock.
+are claimed with SKIP LOCKED, cache writes are versioned, and promo attempts are
+fenced by their token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.domain.audiences import AudienceKey, AudienceService
-from service.domain.errors import DomainError
 from service.domain.model import UserState
+from service.domain.promos import PromoService
 from service.domain.service import SegmentService
 
 log = logging.getLogger(__name__)
@@ -47,12 +45,6 @@ class ReconcileCache(Protocol):
     async def is_complete(self) -> bool: ...
 
 
-class UnfinishedSyncs(Protocol):
-    async def unfinished_syncs(
-        self, older_than_s: float, max_attempts: int
-    ) -> list[tuple[str, AudienceKey, dt.date]]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class ScanResult:
     users: int
@@ -73,16 +65,14 @@ class Reconciler:
         store: ReconcileStore,
         cache: ReconcileCache,
         segments: SegmentService,
-        audiences: AudienceService,
-        syncs: UnfinishedSyncs,
+        promos: PromoService,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._cache = cache
         self._segments = segments
-        self._audiences = audiences
-        self._syncs = syncs
+        self._promos = promos
         self._clock = clock
 
     async def drain_outbox(self, batch: int = 1000, min_age_s: float = 1.0) -> int:
@@ -136,18 +126,11 @@ class Reconciler:
         await self._cache.record_reconcile(found, repaired, started)
         return ScanResult(users, found, repaired)
 
-    async def retry_syncs(self, older_than_s: float = 30.0, max_attempts: int = 10) -> int:
-        """Finish promo syncs a crash left pending, and retry failed ones."""
-        done = 0
-        for promo_id, key, end_date in await self._syncs.unfinished_syncs(
-            older_than_s, max_attempts
-        ):
-            try:
-                await self._audiences.sync(key, promo_id, end_date)
-                done += 1
-            except DomainError as exc:
-                log.warning("sync of promo %s still failing: %s", promo_id, exc.message)
-        return done
+    async def promo_round(self) -> None:
+        """Undo abandoned promo attempts, delete what failed ones left in CP, retry
+        count mirror writes.  A failed attempt is never completed: MPS was told it
+        failed."""
+        await self._promos.reconcile()
 
     async def step(self) -> None:
         """One round: rebuild if the copy is incomplete, otherwise drain the outbox."""

@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 
 from service.domain.audiences import AudienceService
 from service.domain.errors import CacheUnavailable
+from service.domain.promos import PromoService
 from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.audience_handlers import AudienceHandlers
@@ -108,6 +109,7 @@ def create_app(
     segments: SegmentService,
     reports: HistoryReports,
     audiences: AudienceService,
+    promos: PromoService,
     probes: Probes,
     settings: Settings,
 ) -> web.Application:
@@ -124,7 +126,7 @@ def create_app(
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     hot_metrics = RequestMetrics("GET", HOT_ROUTE)
     app[FRONT_DOOR] = FrontDoor([observing(lambda _: hot_metrics), *layers], h.user_segments)
-    a = AudienceHandlers(audiences, settings.max_audience_body_bytes)
+    a = AudienceHandlers(audiences, promos, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
     openapi = orjson.dumps(build_openapi())
 
@@ -157,6 +159,8 @@ def create_app(
             web.patch(customers, a.patch),
             web.get("/v1/merchants/{merchant_id}/segments/{segment_type}", a.get),
             web.post("/v1/merchants/{merchant_id}/segments/{segment_type}/sync", a.sync),
+            web.get("/v1/promos/{promo_id}", a.promo),
+            web.delete("/v1/promos/{promo_id}", a.cancel_promo),
             web.get("/v1/customers/{customer_id}/sync-count", a.sync_count),
             web.post("/v1/reports/history", h.create_report),
             web.get("/v1/reports/history/{token}", h.download_report),

@@ -11,8 +11,34 @@ from service.domain.audiences import (
     AudienceService,
     audience_key,
 )
+from service.domain.promos import Promo, PromoService
 from service.http import schemas
 from service.http.handlers import _iso, _json, decode, user_id_from
+
+
+def _sync_body(promo: Promo) -> dict[str, object]:
+    return {
+        "promo_id": promo.promo_id,
+        "synced": promo.synced,
+        "skipped_over_threshold": promo.skipped,
+        "cp_segment_id": promo.cp_segment_id,
+    }
+
+
+def _promo_body(promo: Promo) -> dict[str, object]:
+    return {
+        "promo_id": promo.promo_id,
+        "merchant_id": promo.key.merchant_id,
+        "segment_type": promo.key.segment_type,
+        "end_date": promo.end_date.isoformat(),
+        "state": promo.state,
+        "synced": promo.synced,
+        "skipped_over_threshold": promo.skipped,
+        "cp_segment_id": promo.cp_segment_id,
+        "attempts": promo.attempts,
+        "last_error": promo.last_error,
+        "updated_at": _iso(promo.updated_at),
+    }
 
 
 def _audience_body(info: AudienceInfo) -> dict[str, object]:
@@ -30,8 +56,11 @@ def _key(request: web.Request) -> AudienceKey:
 
 
 class AudienceHandlers:
-    def __init__(self, audiences: AudienceService, max_body_bytes: int) -> None:
+    def __init__(
+        self, audiences: AudienceService, promos: PromoService, max_body_bytes: int
+    ) -> None:
         self._svc = audiences
+        self._promos = promos
         self._max_body = max_body_bytes
 
     async def replace(self, request: web.Request) -> web.Response:
@@ -55,17 +84,17 @@ class AudienceHandlers:
     async def sync(self, request: web.Request) -> web.Response:
         key = _key(request)
         body = await decode(request, schemas.SyncRequest, 64 * 1024)
-        result = await self._svc.sync(key, body.promo_id, body.end_date)
-        return _json(
-            {
-                "promo_id": result.promo_id,
-                "synced": result.synced,
-                "skipped_over_threshold": result.skipped_over_threshold,
-                "cp_segment_id": result.cp_segment_id,
-            }
-        )
+        promo = await self._promos.sync(key, body.promo_id, body.end_date)
+        return _json(_sync_body(promo))
+
+    async def promo(self, request: web.Request) -> web.Response:
+        return _json(_promo_body(await self._promos.status(request.match_info["promo_id"])))
+
+    async def cancel_promo(self, request: web.Request) -> web.Response:
+        await self._promos.cancel(request.match_info["promo_id"])
+        return web.Response(status=204)
 
     async def sync_count(self, request: web.Request) -> web.Response:
         customer_id = user_id_from(request, "customer_id")
-        count = await self._svc.sync_count(customer_id)
+        count = await self._promos.sync_count(customer_id)
         return _json({"customer_id": customer_id, "active_synced_segments": count})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -20,6 +21,9 @@ STATUS_BY_CODE = {
     "audience_not_found": 404,
     "audience_empty": 422,
     "promo_conflict": 409,
+    "promo_cancelled": 409,
+    "promo_not_found": 404,
+    "sync_in_progress": 409,
     "cp_unavailable": 502,
     "cp_rejected": 502,
     "not_found": 404,
@@ -51,11 +55,16 @@ def error_response(
     code: str, message: str, details: dict[str, Any] | None = None, status: int | None = None
 ) -> web.Response:
     body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return web.Response(
+    response = web.Response(
         body=orjson.dumps(body),
         status=status or STATUS_BY_CODE.get(code, 400),
         content_type="application/json",
     )
+    retry_after = (details or {}).get("retry_after_s")
+    if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+        # Every error that says when to come back says it in the standard header too.
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 def error_for(request: web.Request, exc: Exception) -> web.Response:

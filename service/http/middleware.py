@@ -173,7 +173,8 @@ def required_scope(request: web.Request) -> str | None:
         return "internal"
     if path.startswith("/v1/reports/"):
         return "reports"
-    if path.endswith("/sync") and method == "POST":
+    if (path.endswith("/sync") and method == "POST") or path.startswith("/v1/promos/"):
+        # What MPS does: sync, read and cancel promos.
         return "sync"
     if method in ("GET", "HEAD") or path == "/v1/users/segments:batch":
         return "read"

@@ -23,6 +23,22 @@ class Operation:
     tag: str = "segments"
     # Media type of a response that is not JSON.
     media: str | None = None
+    description: str | None = None
+
+
+_SYNC = (
+    "Brings the promo's CP segment in line with the audience and end_date: the first call"
+    " creates it, a later call with the same promo_id adds customers who entered the"
+    " audience, removes those who left and moves the expiry; unchanged audience and date"
+    " answer the same result without calling CP. The threshold T (SEGMENTS_SYNC_THRESHOLD,"
+    " default 5) is the most active synced promos a customer may be counted in: a customer"
+    " already counted in T (slots held by syncs in flight included) is skipped, so no count"
+    " ever exceeds T. 200: in force (CP holds exactly the customers reported, each counted"
+    " until end_date). 502/503/504: nothing of this call is in force, now or later (the"
+    " attempt is undone; the promo's state becomes failed). 409 sync_in_progress: another"
+    " call for this promo is running; retry after Retry-After. 503 with outcome unknown in"
+    " details: read GET /v1/promos/{promo_id} or retry."
+)
 
 
 # A request body can always be malformed (400), too large (413) or of the wrong type (415).
@@ -53,11 +69,17 @@ OPERATIONS = [
               schemas.CustomersPatch, schemas.AudienceOut, 200, (*_BODY, 503), "audiences"),
     Operation("get", _AUDIENCE, "Size, version and last update of a merchant audience",
               None, schemas.AudienceOut, 200, (404, 422), "audiences"),
-    Operation("post", _AUDIENCE + "/sync", "Push an audience to CP for a promo (once per promo_id)",
-              schemas.SyncRequest, schemas.SyncOut, 200, (*_BODY, 404, 409, 502), "audiences"),
+    Operation("post", _AUDIENCE + "/sync", "Sync an audience to CP for a promo (create or update)",
+              schemas.SyncRequest, schemas.SyncOut, 200, (*_BODY, 404, 409, 502, 503),
+              "promos", description=_SYNC),
+    Operation("get", "/v1/promos/{promo_id}", "A promo's sync state",
+              None, schemas.PromoOut, 200, (404, 422), "promos"),
+    Operation("delete", "/v1/promos/{promo_id}",
+              "Cancel a promo: its CP segment deleted, its counts released (idempotent)",
+              None, None, 204, (404, 409, 422, 503), "promos"),
     Operation("get", "/v1/customers/{customer_id}/sync-count",
               "Active synced segments of a customer",
-              None, schemas.SyncCount, 200, (422,), "audiences"),
+              None, schemas.SyncCount, 200, (422,), "promos"),
     Operation("post", "/v1/reports/history",
               "Get a link to a month of membership history as CSV",
               schemas.ReportRequest, schemas.ReportLink, 201, _BODY, "reports"),
@@ -79,6 +101,7 @@ _PARAMS: dict[str, dict[str, object]] = {
     "segment_type": {"schema": {"type": "string", "pattern": SLUG_PATTERN}},
     "token": {"schema": {"type": "string"}},
     "slug": {"schema": {"type": "string", "pattern": SLUG_PATTERN}},
+    "promo_id": {"schema": {"type": "string", "pattern": SLUG_PATTERN}},
     "user_id": {
         "schema": {
             "type": "integer",
@@ -117,6 +140,7 @@ def build_openapi() -> dict[str, Any]:
         for status in op.errors:
             responses[str(status)] = {"description": "Error", "content": error_content}
         entry: dict[str, Any] = {
+            **({"description": op.description} if op.description else {}),
             "summary": op.summary,
             "tags": [op.tag],
             "operationId": f"{op.method}_{op.path}".replace("/", "_")

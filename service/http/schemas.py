@@ -4,7 +4,7 @@ OpenAPI document, so the two cannot drift apart."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -117,7 +117,22 @@ class SyncOut(Struct):
     promo_id: str
     synced: int
     skipped_over_threshold: int
-    cp_segment_id: str
+    # None when nobody passed the threshold: nothing was created in CP.
+    cp_segment_id: str | None
+
+
+class PromoOut(Struct):
+    promo_id: str
+    merchant_id: int
+    segment_type: str
+    end_date: dt.date
+    state: Literal["in_progress", "synced", "failed", "cancelled"]
+    synced: int
+    skipped_over_threshold: int
+    cp_segment_id: str | None
+    attempts: int
+    last_error: str | None
+    updated_at: dt.datetime
 
 
 class SyncCount(Struct):

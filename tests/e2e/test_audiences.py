@@ -103,22 +103,29 @@ async def test_threshold_over_three_promos(
     assert status == 200
     assert (body["synced"], body["skipped_over_threshold"]) == (5, 3)
     assert [await count(http, c) for c in range(1, 10)] == [2] * 8 + [0]
-    segments = {s["external_id"]: s for s in (await cp_state(cp))["segments"]}
-    assert segments["mss-promo-P3"]["members"] == 5
-    assert segments["mss-promo-P3"]["segment_id"] == body["cp_segment_id"]
-    assert segments["mss-promo-P3"]["expires_at"].startswith(
+    segments = {s["segment_id"]: s for s in (await cp_state(cp))["segments"]}
+    p3 = segments[body["cp_segment_id"]]
+    assert p3["external_id"].startswith("mss-promo-P3-")
+    assert p3["member_ids"] == [1, 2, 6, 7, 8]
+    assert p3["expires_at"].startswith(
         (dt.date.fromisoformat(TOMORROW) + dt.timedelta(days=1)).isoformat()
     )
 
 
 async def test_same_promo_twice_and_racing_counts_once(http: aiohttp.ClientSession) -> None:
     await put(http, 1, "X", [1, 2, 3])
+    await put(http, 2, "X", [1])
     answers = await asyncio.gather(*(sync(http, 1, "X", "SAME") for _ in range(5)))
-    assert {status for status, _ in answers} == {200}
-    assert len({tuple(sorted(body.items())) for _, body in answers}) == 1
-    assert (await sync(http, 1, "X", "SAME"))[1] == answers[0][1]
+    # One call runs the sync; the others either came after it (its answer) or met it
+    # running (409 sync_in_progress, to retry).
+    ok = [body for status, body in answers if status == 200]
+    busy = [body for status, body in answers if status == 409]
+    assert ok and len(ok) + len(busy) == 5
+    assert all(b["error"]["code"] == "sync_in_progress" for b in busy)
+    assert len({tuple(sorted(body.items())) for body in ok}) == 1
+    assert (await sync(http, 1, "X", "SAME"))[1] == ok[0]
     assert [await count(http, c) for c in (1, 2, 3)] == [1, 1, 1]
-    status, body = await sync(http, 1, "X", "SAME", end="2099-01-01")
+    status, body = await sync(http, 2, "X", "SAME")
     assert status == 409 and body["error"]["code"] == "promo_conflict"
 
 
@@ -131,17 +138,17 @@ async def test_cp_failure_moves_no_counter_and_retry_counts_once(
     status, body = await sync(http, 1, "X", "FAIL")
     assert status == 502 and body["error"]["code"] == "cp_unavailable"
     assert [await count(http, c) for c in (1, 2, 3)] == [0, 0, 0]
-    assert await db.fetchval("SELECT status FROM promo_syncs WHERE promo_id = 'FAIL'") == "failed"
+    assert await db.fetchval("SELECT state FROM promo_syncs WHERE promo_id = 'FAIL'") == "failed"
     # CP applies the members but the answer is lost: the retry must not double-apply.
     async with cp.post("/_admin/faults", json={"drop_next": 1}) as r:
         assert r.status == 200
     status, body = await sync(http, 1, "X", "FAIL")
     assert status == 200 and body["synced"] == 3
     assert [await count(http, c) for c in (1, 2, 3)] == [1, 1, 1]
-    segment = next(
-        s for s in (await cp_state(cp))["segments"] if s["external_id"] == "mss-promo-FAIL"
-    )
-    assert segment["members"] == 3
+    segments = (await cp_state(cp))["segments"]
+    assert [(s["segment_id"], s["member_ids"]) for s in segments] == [
+        (body["cp_segment_id"], [1, 2, 3])
+    ]
 
 
 async def test_sync_bad_requests(http: aiohttp.ClientSession) -> None:
@@ -166,6 +173,7 @@ async def test_counts_survive_a_flush_and_expired_promos_stop_counting(
         "INSERT INTO sync_ledger (customer_id, promo_id, end_date)"
         " VALUES (1, 'OLD', current_date - 1)"
     )
+    await db.execute("UPDATE sync_customers SET version = version + 1 WHERE customer_id = 1")
     await clean.cache._r.flushall()
     assert [await count(http, c) for c in (1, 2)] == [1, 1]  # from PostgreSQL
     assert await clean.segments.rebuild_cache()
