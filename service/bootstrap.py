@@ -33,6 +33,7 @@ from service.observability import (
     CP_CALLS,
     CP_SECONDS,
     DB_ACQUIRE_TIMEOUTS,
+    DB_POOL_IN_USE,
     DB_POOL_IN_USE_PEAK,
     DB_POOL_SIZE,
     PROMO_ERRORS,
@@ -180,6 +181,7 @@ def counter_bridge(container: Container) -> CounterBridge:
     store = container.store
 
     def pool_gauges() -> None:
+        DB_POOL_IN_USE.set(store.in_use)
         DB_POOL_IN_USE_PEAK.set(store.in_use_peak)
         DB_POOL_SIZE.set(store.max_size)
 

@@ -62,6 +62,11 @@ DB_ACQUIRE_TIMEOUTS = Counter(
     "segments_db_pool_acquire_timeouts_total",
     "Requests answered 503 because no pooled PostgreSQL connection came free in time",
 )
+DB_POOL_IN_USE = Gauge(
+    "segments_db_pool_in_use",
+    "Pooled PostgreSQL connections in use now",
+    multiprocess_mode="livesum",
+)
 DB_POOL_IN_USE_PEAK = Gauge(
     "segments_db_pool_in_use_peak",
     "Most pooled PostgreSQL connections in use at once since the process started",

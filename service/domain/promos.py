@@ -296,7 +296,7 @@ class PromoService:
     def lease_s(self) -> float:
         # Past the deadline an attempt only writes its own failure; the margin covers
         # that, so the reconciler does not race an attempt that is still undoing.
-        return self.deadline_s + self._undo_budget_s + 5.0
+        return self.deadline_s + self._undo_budget_s + min(5.0, self.deadline_s / 2)
 
     def _today(self) -> dt.date:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import json
 import logging
 import signal
@@ -72,10 +74,14 @@ async def test_tokens_and_scopes(secured: aiohttp.ClientSession) -> None:
         assert r.status == 403  # internal needs the internal scope
     async with secured.post(
         "/v1/merchants/1/segments/X/sync",
-        json={"promo_id": "P", "end_date": "2099-01-01"},
+        json={"promo_id": "P", "end_date": str(dt.datetime.now(dt.UTC).date())},
         headers=bearer("mps"),
     ) as r:
         assert r.status == 404  # authorised; there is no such audience
+    async with secured.get("/v1/promos/P", headers=bearer("mps")) as r:
+        assert r.status == 404  # the sync scope reads promos too
+    async with secured.delete("/v1/promos/P", headers=bearer("analytics")) as r:
+        assert r.status == 403  # cancelling a promo is MPS's, not a writer's
     for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         async with secured.get(open_path) as r:
             assert r.status == 200, open_path

@@ -8,6 +8,7 @@ machine.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -239,7 +240,7 @@ async def test_cp_timeouts_and_lost_answers_never_double_count(
     url = "/internal/v1/merchants/3/segments/T/customers"
     async with http.put(url, json={"customer_ids": list(range(1, 51))}) as r:
         assert r.status == 200
-    body = {"promo_id": "SLOW", "end_date": "2099-12-31"}
+    body = {"promo_id": "SLOW", "end_date": str(dt.datetime.now(dt.UTC).date() + dt.timedelta(days=30))}
     # CP answers after the client's timeout (0.5 s in the tests) but still applies each
     # call: every attempt times out, and some of them were applied.
     async with cp.post("/_admin/faults", json={"latency_ms": 800}) as r:
@@ -248,15 +249,23 @@ async def test_cp_timeouts_and_lost_answers_never_double_count(
         assert r.status == 502
         assert (await r.json())["error"]["code"] == "cp_unavailable"
     assert await db.fetchval("SELECT count(*) FROM sync_ledger") == 0
-    # CP recovers; the reconciler retries the failed sync with the same idempotency keys.
+    # CP recovers.  The reconciler undoes what is left of the failed attempt, and never
+    # completes it: MPS was told it failed.
     async with cp.post("/_admin/faults", json={}) as r:
         assert r.status == 200
-    assert await clean.reconciler.retry_syncs(older_than_s=0) == 1
-    async with http.post("/v1/merchants/3/segments/T/sync", json=body) as r:
-        assert (r.status, (await r.json())["synced"]) == (200, 50)
+    await asyncio.sleep(1)  # the timed-out calls CP still applies land meanwhile
+    await clean.reconciler.promo_round()
+    assert await db.fetchval("SELECT state FROM promo_syncs WHERE promo_id = 'SLOW'") == "failed"
+    assert await db.fetchval("SELECT count(*) FROM sync_ledger") == 0
     async with cp.get("/_admin/state") as r:
-        (segment,) = (await r.json())["segments"]
-    assert segment["members"] == 50
+        assert [s for s in (await r.json())["segments"] if s["members"]] == []
+    # MPS retries: a new attempt, counted once.
+    async with http.post("/v1/merchants/3/segments/T/sync", json=body) as r:
+        answer = await r.json()
+        assert (r.status, answer["synced"]) == (200, 50)
+    async with cp.get("/_admin/state") as r:
+        live = [s for s in (await r.json())["segments"] if s["members"]]
+    assert [(s["segment_id"], s["members"]) for s in live] == [(answer["cp_segment_id"], 50)]
     assert await db.fetchval("SELECT count(*) FROM sync_ledger") == 50
     async with http.get("/v1/customers/7/sync-count") as r:
         assert (await r.json())["active_synced_segments"] == 1
