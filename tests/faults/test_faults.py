@@ -240,7 +240,8 @@ async def test_cp_timeouts_and_lost_answers_never_double_count(
     url = "/internal/v1/merchants/3/segments/T/customers"
     async with http.put(url, json={"customer_ids": list(range(1, 51))}) as r:
         assert r.status == 200
-    body = {"promo_id": "SLOW", "end_date": str(dt.datetime.now(dt.UTC).date() + dt.timedelta(days=30))}
+    end = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=30)
+    body = {"promo_id": "SLOW", "end_date": end.isoformat()}
     # CP answers after the client's timeout (0.5 s in the tests) but still applies each
     # call: every attempt times out, and some of them were applied.
     async with cp.post("/_admin/faults", json={"latency_ms": 800}) as r:
