@@ -62,6 +62,23 @@ _BUMP = """
     ON CONFLICT (customer_id) DO UPDATE SET version = EXCLUDED.version, created_at = now()
 """
 
+# Audience members not yet in the promo ($1: the audience generation, $2: the promo).
+_ENTRANTS = (
+    "SELECT m.customer_id FROM audience_members m WHERE m.generation = $1"
+    " AND NOT EXISTS (SELECT 1 FROM sync_ledger x"
+    " WHERE x.customer_id = m.customer_id AND x.promo_id = $2)"
+)
+_LOCK_ENTRANTS = _LOCK_CUSTOMERS.format(ids=_ENTRANTS)
+# A slot for each entrant whose other slots (active or reserved, not ended) are under
+# the threshold ($5).
+_RESERVE = (
+    "INSERT INTO sync_ledger (customer_id, promo_id, end_date, state)"  # nosec B608
+    f" SELECT e.customer_id, $2, $3, 'reserved' FROM ({_ENTRANTS}) e"
+    " WHERE (SELECT count(*) FROM sync_ledger l WHERE l.customer_id = e.customer_id"
+    "        AND l.end_date >= $4 AND l.promo_id <> $2) < $5"
+    " RETURNING customer_id"
+)
+
 _COUNTS = f"""
     SELECT c.customer_id, c.version,
            array_remove(array_agg(l.promo_id), NULL) AS promos,
@@ -191,20 +208,9 @@ class PgPromoStore:
         cap under any concurrency: the statement below starts after every other
         reservation of these customers has committed (or waits for it), and in READ
         COMMITTED each statement sees what committed before it started."""
-        entrants = (
-            "SELECT m.customer_id FROM audience_members m WHERE m.generation = $1"
-            " AND NOT EXISTS (SELECT 1 FROM sync_ledger x"
-            " WHERE x.customer_id = m.customer_id AND x.promo_id = $2)"
-        )
-        await conn.execute(
-            _LOCK_CUSTOMERS.format(ids=entrants), generation, promo_id, timeout=BULK_TIMEOUT_S
-        )
+        await conn.execute(_LOCK_ENTRANTS, generation, promo_id, timeout=BULK_TIMEOUT_S)
         rows = await conn.fetch(
-            "INSERT INTO sync_ledger (customer_id, promo_id, end_date, state)"
-            " SELECT e.customer_id, $2, $3, 'reserved' FROM (" + entrants + ") e"
-            " WHERE (SELECT count(*) FROM sync_ledger l WHERE l.customer_id = e.customer_id"
-            "        AND l.end_date >= $4 AND l.promo_id <> $2) < $5"
-            " RETURNING customer_id",
+            _RESERVE,
             generation,
             promo_id,
             end_date,
