@@ -215,6 +215,8 @@ SUCCESS_STEPS: list[tuple[str, str, dict[str, Any], Any, int]] = [
         200,
     ),
     ("get", "/v1/customers/{customer_id}/sync-count", {"customer_id": 2}, None, 200),
+    ("get", "/v1/promos/{promo_id}", {"promo_id": "PROMO1"}, None, 200),
+    ("delete", "/v1/promos/{promo_id}", {"promo_id": "PROMO1"}, None, 204),
 ]
 
 
