@@ -494,6 +494,11 @@ class PromoService:
                 log.warning("promo %s: CP segment not deleted yet: %s", item.promo_id, exc)
                 with contextlib.suppress(StorageUnavailable):
                     await self._store.cleanup_failed(item.id, str(exc))
+            except Exception:
+                # Anything else is a bug, but it must not keep the other segments of
+                # this round from being deleted.
+                self.errors["cleanup"] += 1
+                log.exception("promo %s: deleting its CP segment raised", item.promo_id)
         return deleted
 
     async def reconcile(self, *, cleanup_batch: int = 100, outbox_min_age_s: float = 1.0) -> None:
