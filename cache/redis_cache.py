@@ -153,6 +153,11 @@ return tonumber(ARGV[3])
 """
 
 # KEYS: lease.  ARGV: generation, lease-ms.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 _RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -292,6 +297,7 @@ class RedisCache:
         self._mark_bucket = client.register_script(_MARK_BUCKET)
         self._finish = client.register_script(_FINISH_REBUILD)
         self._renew = client.register_script(_RENEW_LEASE)
+        self._release = client.register_script(_RELEASE_LEASE)
         self._count_synced = client.register_script(_COUNT_SYNCED)
         self._write_counts = client.register_script(_WRITE_COUNTS)
         self._read_many = client.register_script(_READ_MANY)
@@ -571,6 +577,10 @@ class RedisCache:
                     self._renew, [keys.REBUILD_LEASE], [generation, int(lease_s * 1000)]
                 )
             )
+
+    async def release_rebuild(self, generation: str) -> None:
+        async with _guard(self._errors):
+            await self._call(self._release, [keys.REBUILD_LEASE], [generation])
 
     async def finish_rebuild(self, generation: str) -> bool:
         async with _guard(self._errors):

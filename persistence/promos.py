@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
-from persistence.store import Conn, PgStore
+from persistence.store import BULK_TIMEOUT_S, Conn, PgStore
 from service.domain.audiences import AudienceEmpty, AudienceKey, AudienceNotFound
 from service.domain.promos import (
     Attempt,
@@ -28,8 +28,6 @@ from service.domain.promos import (
     SyncInProgress,
     external_id,
 )
-
-BULK_TIMEOUT_S = 600.0
 
 # Counted in sync-count (and mirrored): the promo is synced, or an update in flight is
 # still removing the customer.  ``reserved`` only holds a slot against the threshold.
@@ -134,7 +132,7 @@ class PgPromoStore:
         lease_s: float,
         token: str,
     ) -> Claim:
-        async with self._pg.transaction() as conn:
+        async with self._pg.transaction(bulk=True) as conn:
             # Create the promo's row first (it rolls back with any error below), so
             # that concurrent first calls queue on its lock instead of racing to insert.
             created = await conn.fetchval(
@@ -360,7 +358,7 @@ class PgPromoStore:
         return _count(status) == 1
 
     async def complete(self, promo_id: str, token: str) -> tuple[Promo, list[int]] | None:
-        async with self._pg.transaction() as conn:
+        async with self._pg.transaction(bulk=True) as conn:
             row = await conn.fetchrow(
                 "SELECT end_date FROM promo_syncs"
                 " WHERE promo_id = $1 AND attempt_token = $2 AND state = 'in_progress'"
@@ -403,7 +401,7 @@ class PgPromoStore:
         external_id: str | None,
         segment_id: str | None,
     ) -> tuple[list[Cleanup], list[int]]:
-        async with self._pg.transaction() as conn:
+        async with self._pg.transaction(bulk=True) as conn:
             if external_id is not None:
                 # Whatever happened to the promo meanwhile, this attempt's own segment
                 # must not stay in CP.
@@ -473,7 +471,7 @@ class PgPromoStore:
         return [Cleanup(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def cancel(self, promo_id: str) -> tuple[list[Cleanup], list[int]]:
-        async with self._pg.transaction() as conn:
+        async with self._pg.transaction(bulk=True) as conn:
             row = await self._locked(conn, promo_id)
             if row is None:
                 raise PromoNotFound(f"no promo {promo_id!r}", {"promo_id": promo_id})

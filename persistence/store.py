@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 
 from service.domain.changes import SegmentRef, plan_change
-from service.domain.errors import SegmentExists, SegmentNotFound, StorageUnavailable
+from service.domain.errors import (
+    OutcomeUnknown,
+    SegmentExists,
+    SegmentNotFound,
+    StorageUnavailable,
+)
 from service.domain.model import (
     NEVER,
     AppliedChange,
@@ -47,6 +52,14 @@ _CONNECTION_ERRORS = (
     # Raised when a connection lost mid-exchange is used again.
     asyncpg.InternalClientError,
 )
+
+# PostgreSQL itself aborted the statement (statement_timeout, lock_timeout): the
+# transaction rolled back, so nothing changed, for certain.
+_ABORTED_BY_SERVER = (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
+
+# Long statements (COPY of a whole audience, a month's history as CSV) lift the
+# session's statement_timeout for their transaction only.
+BULK_TIMEOUT_S = 600.0
 
 # Interpolated into SQL (hence the B608 exemptions): a constant, never input; values
 # always go as $n parameters.  Bandit also warns "no failed test" on some of those
@@ -252,6 +265,33 @@ async def _release_as_is(conn: asyncpg.Connection) -> None:
     """
 
 
+def _unknown(exc: BaseException) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        "PostgreSQL failed while the change was being committed; it may or may not be in"
+        " force: retrying the same request is safe",
+        {"retry_after_s": 1},
+    )
+
+
+async def _commit(conn: Conn, tx: Any) -> None:
+    try:
+        await tx.commit()
+    except _CONNECTION_ERRORS as exc:
+        conn.terminate()
+        raise _unknown(exc) from exc
+
+
+async def _write_once(conn: Conn, statement: str, args: Sequence[Any]) -> Any:
+    """A write that commits by itself (one statement, no transaction block): lost in
+    flight, it may have committed (a statement waiting on a row lock does not notice its
+    client leave).  PostgreSQL's own timeouts abort it first in the usual case."""
+    try:
+        return await conn.fetchval(statement, *args)
+    except _CONNECTION_ERRORS as exc:
+        conn.terminate()
+        raise _unknown(exc) from exc
+
+
 class PgStore:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float = 2.0) -> None:
         self._pool = pool
@@ -272,12 +312,23 @@ class PgStore:
         command_timeout: float = 5.0,
         acquire_timeout: float = 2.0,
     ) -> PgStore:
+        # The server gives up before the client does: a statement PostgreSQL aborts
+        # itself rolls back for certain, where a client-side timeout cannot know whether
+        # the server went on to commit (a write waiting on a row lock does not notice
+        # its client leaving).  The client's command_timeout stays as the backstop.
+        server_timeout_ms = max(100, int(command_timeout * 1000) - 500)
         try:
             pool = await asyncpg.create_pool(
                 url,
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=command_timeout,
+                server_settings={
+                    "statement_timeout": str(server_timeout_ms),
+                    "lock_timeout": str(max(100, server_timeout_ms // 2)),
+                    # Also end a session whose client went away mid-transaction.
+                    "idle_in_transaction_session_timeout": str(10 * server_timeout_ms),
+                },
                 # PgBouncer-safe, and our statements are few: keep the cache small.
                 statement_cache_size=256,
                 reset=_release_as_is,
@@ -316,15 +367,40 @@ class PgStore:
                 conn.terminate()
                 raise
         except _CONNECTION_ERRORS as exc:
-            raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
+            # Before COMMIT (or in a read) a lost connection changes nothing: the server
+            # rolls an unfinished transaction back.  The ambiguous cases raise
+            # OutcomeUnknown themselves (transaction(), _write_once()).
+            raise StorageUnavailable(
+                "PostgreSQL is unavailable; nothing was changed", {"retry_after_s": 1}
+            ) from exc
+        except _ABORTED_BY_SERVER as exc:
+            raise StorageUnavailable(
+                "PostgreSQL did not finish in time (busy or locked); nothing was changed",
+                {"retry_after_s": 1},
+            ) from exc
         finally:
             self.in_use -= 1
             await self._pool.release(conn)
 
     @contextlib.asynccontextmanager
-    async def transaction(self, **options: Any) -> AsyncIterator[Conn]:
-        async with self.connection() as conn, conn.transaction(**options):
-            yield conn
+    async def transaction(self, *, bulk: bool = False, **options: Any) -> AsyncIterator[Conn]:
+        """One transaction.  A failure while committing is ``OutcomeUnknown``: the
+        commit may have happened.  ``bulk`` lifts the statement timeout for it."""
+        async with self.connection() as conn:
+            tx = conn.transaction(**options)
+            await tx.start()
+            try:
+                if bulk:
+                    await conn.execute(
+                        f"SET LOCAL statement_timeout = {int(BULK_TIMEOUT_S * 1000)}"
+                    )
+                yield conn
+            except BaseException:
+                if not conn.is_closed():
+                    with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                        await tx.rollback()
+                raise
+            await _commit(conn, tx)
 
     async def ping(self) -> bool:
         try:
@@ -448,13 +524,21 @@ class PgStore:
                 applied = await self._try_change(conn, change, expiries, locked=False)
                 if applied is not None:
                     return applied
-            async with conn.transaction():
+            tx = conn.transaction()
+            await tx.start()
+            try:
                 await conn.execute(_LOCK_USER, change.user_id)
                 applied = await self._try_change(conn, change, expiries, locked=True)
                 # Under both locks (the user's row; FOR SHARE on its segments) the
                 # compare cannot fail.
                 assert applied is not None
-                return applied
+            except BaseException:
+                if not conn.is_closed():
+                    with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                        await tx.rollback()
+                raise
+            await _commit(conn, tx)
+            return applied
 
     async def _try_change(
         self, conn: Conn, change: UserChange, expiries: Sequence[float | None], *, locked: bool
@@ -511,7 +595,10 @@ class PgStore:
             bool(plan.unexclude),
             bool(events),
         )
-        new_version = await conn.fetchval(_write_statement(key), *args)
+        if locked:
+            new_version = await conn.fetchval(_write_statement(key), *args)
+        else:
+            new_version = await _write_once(conn, _write_statement(key), args)
         if new_version is None:
             return None
         # The state after the change, from what was read plus the plan.
@@ -717,5 +804,12 @@ class PgStore:
         async def write(chunk: bytes) -> None:  # asyncpg wants a coroutine function
             await sink(chunk)
 
-        async with self.connection() as conn:
-            await conn.copy_from_query(query, *args, output=write, format="csv", delimiter=";")
+        async with self.transaction(bulk=True, readonly=True) as conn:
+            await conn.copy_from_query(
+                query,
+                *args,
+                output=write,
+                format="csv",
+                delimiter=";",
+                timeout=BULK_TIMEOUT_S,
+            )

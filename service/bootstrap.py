@@ -156,6 +156,7 @@ def api_app(container: Container, settings: Settings | None = None) -> web.Appli
             container.store.ping,
             container.cache.ping,
             container.cache.freshness,
+            timeout_s=container.settings.probe_timeout_s,
         ),
         settings=settings or container.settings,
     )

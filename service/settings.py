@@ -107,6 +107,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Idle keep-alive connections are closed after this long, so slow or idle
     # clients cannot hold a worker's connections.
     http_keepalive_timeout_s: float = 15.0
+    # /readyz answers within about this long whatever the stores do (each check is cut
+    # off after it and counts as failed).
+    probe_timeout_s: float = 1.0
     # Port of the Prometheus endpoint of the consumer and reconciler processes (the
     # API serves /metrics itself); 0: none.
     metrics_port: int = 0
@@ -189,6 +192,7 @@ DOCS: dict[str, str] = {
     "rate_limit_per_s": "requests per second per caller (0: no limit)",
     "rate_limit_burst": "bucket size (default: 2 s worth)",
     "http_keepalive_timeout_s": "idle keep-alive connections are closed after this long",
+    "probe_timeout_s": "each check of `/readyz` is cut off after this long (counts as failed)",
     "metrics_port": "Prometheus port of `consume` and `reconcile` (0: none)",
     "log_json": "`true` JSON lines, `false` text, `auto` JSON unless a terminal",
     "data_dir": "where `make run` keeps the embedded servers' data",

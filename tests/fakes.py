@@ -195,6 +195,11 @@ class FakeCache:
         self._check()
         return self.lease == generation
 
+    async def release_rebuild(self, generation: str) -> None:
+        self._check()
+        if self.lease == generation:
+            self.lease = None
+
     async def finish_rebuild(self, generation: str) -> bool:
         self._check()
         if self.building != generation:

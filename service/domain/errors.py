@@ -37,6 +37,13 @@ class StorageUnavailable(DomainError):
     code = "storage_unavailable"
 
 
+class OutcomeUnknown(StorageUnavailable):
+    """PostgreSQL failed while a change was being committed: it may or may not be in
+    force.  Retrying the same request is safe (writes are idempotent)."""
+
+    code = "outcome_unknown"
+
+
 class CacheUnavailable(Exception):
     """Redis could not answer in time.  Never reaches a caller: reads fall back."""
 

@@ -103,6 +103,10 @@ class Cache(Protocol):
         """Extend the lease; False if it was lost (the rebuild must stop)."""
         ...
 
+    async def release_rebuild(self, generation: str) -> None:
+        """Give the lease up (a rebuild that failed), so the next one need not wait."""
+        ...
+
     async def finish_rebuild(self, generation: str) -> bool:
         """Mark the cache complete, unless it was flushed since ``begin_rebuild``."""
         ...

@@ -40,8 +40,10 @@ from service.domain.errors import (
     CpUnavailable,
     DomainError,
     InvalidRequest,
+    OutcomeUnknown,
     StorageUnavailable,
 )
+from service.domain.log_throttle import ThrottledWarning
 from service.domain.ports import CpGateway
 from service.domain.rules import USER_ID_MAX, USER_ID_MIN, is_valid_slug
 
@@ -291,6 +293,9 @@ class PromoService:
         # Outcomes of sync calls and reconciler work, for metrics.
         self.syncs = {"done": 0, "repeated": 0, "failed": 0, "undone": 0, "cancelled": 0}
         self.errors = {"cleanup": 0, "abandon": 0, "mirror": 0}
+        self._warn_mirror = ThrottledWarning(
+            log, "sync counts not mirrored to Redis; the reconciler retries"
+        )
 
     @property
     def lease_s(self) -> float:
@@ -334,15 +339,20 @@ class PromoService:
         segment_id = progress.segment_id
         try:
             completed = await self._store.complete(promo_id, token)
-        except StorageUnavailable as exc:
+        except OutcomeUnknown as exc:
             # The commit may or may not have happened: say so.  A retry of the same
             # promo_id, or GET /v1/promos/{id}, tells; an attempt that did not commit
             # is undone by the reconciler once its lease passes.
-            raise StorageUnavailable(
+            raise OutcomeUnknown(
                 "PostgreSQL failed while completing the sync; its outcome is unknown:"
                 " retry the same promo_id or read GET /v1/promos/{promo_id}",
-                {"promo_id": promo_id, "outcome": "unknown", "retry_after_s": 1},
+                {"promo_id": promo_id, "retry_after_s": 1},
             ) from exc
+        except StorageUnavailable:
+            # Rolled back for certain: undo the attempt now (or, if PostgreSQL is still
+            # away, the reconciler does once the lease passes).
+            await self._undo(attempt, segment_id, "PostgreSQL failed while completing")
+            raise
         if completed is None:
             # The lease passed and the reconciler undid the attempt meanwhile.
             await self._undo(attempt, segment_id, "the sync deadline passed")
@@ -454,7 +464,7 @@ class PromoService:
             await self.mirror_customers(customer_ids)
         except (CacheUnavailable, StorageUnavailable) as exc:
             self.errors["mirror"] += 1
-            log.warning("sync counts not mirrored to Redis (%s); the reconciler retries", exc)
+            self._warn_mirror(exc)
 
     async def mirror_customers(self, customer_ids: Sequence[int], batch: int = 10_000) -> None:
         today = self._today()

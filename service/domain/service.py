@@ -16,6 +16,7 @@ from service.domain.errors import (
     SegmentNotFound,
     StorageUnavailable,
 )
+from service.domain.log_throttle import ThrottledWarning
 from service.domain.model import AddItem, Registry, Segment, UserState
 from service.domain.ports import Cache, Store
 
@@ -64,6 +65,11 @@ class SegmentService:
         self._registry_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[bool] | None = None
         self._next_rebuild_at = 0.0
+        self._release_task: asyncio.Task[None] | None = None
+        # One line per write while Redis is down buried the logs: a line per 10 s.
+        self._warn_write_failed = ThrottledWarning(
+            log, "cache write failed after commit; repairing in the background"
+        )
         # Other parts of the cache (e.g. sync counters) rebuilt with the same lease and
         # before the same completeness marker.
         self._rebuild_phases: list[Callable[[], Awaitable[None]]] = []
@@ -246,7 +252,7 @@ class SegmentService:
             # The change is durable in PostgreSQL.  Until Redis has it, this process
             # reads these users from PostgreSQL and keeps retrying the write; if the
             # process dies first, the reconciler finds the change in the outbox.
-            log.warning("cache write failed after commit; repairing in the background")
+            self._warn_write_failed()
             self._dirty.update(s.user_id for s in states)
             self._start_repair()
 
@@ -256,7 +262,7 @@ class SegmentService:
         try:
             await self._cache.write_registry(registry)
         except CacheUnavailable:
-            log.warning("registry write failed after commit; repairing in the background")
+            self._warn_write_failed("the segment registry")
             self._registry_dirty = True
             self._start_repair()
 
@@ -278,6 +284,7 @@ class SegmentService:
                     self._dirty.difference_update(users)
             except (CacheUnavailable, StorageUnavailable):
                 continue
+        self._warn_write_failed.recovered("Redis takes writes again; failed writes repaired")
 
     async def _refresh_registry(self, seen_version: int) -> Registry:
         async with self._registry_lock:
@@ -311,6 +318,7 @@ class SegmentService:
         flushed again meanwhile.  Safe to run concurrently with writes: every user
         write is versioned, so the rebuild never overwrites a newer state.
         """
+        generation: str | None = None
         try:
             generation = await self._cache.begin_rebuild(self._rebuild_lease_s)
             if generation is None:
@@ -338,11 +346,13 @@ class SegmentService:
             for phase in self._rebuild_phases:
                 await phase()
             done = await self._cache.finish_rebuild(generation)
-        except CacheUnavailable as exc:
-            log.warning("cache rebuild interrupted: Redis unavailable (%s)", exc)
+        except (CacheUnavailable, StorageUnavailable) as exc:
+            log.warning("cache rebuild interrupted: %s", exc)
+            self._give_up_lease(generation)
             return False
         except Exception:
             log.exception("cache rebuild failed")
+            self._give_up_lease(generation)
             return False
         log.info(
             "cache rebuild %s: %d users in %.2fs",
@@ -351,6 +361,25 @@ class SegmentService:
             time.monotonic() - started,
         )
         return done
+
+    def _give_up_lease(self, generation: str | None) -> None:
+        """A failed rebuild releases its lease, so the next one (the next read of the
+        incomplete copy asks for it) starts within a second, not after the lease's 30 s.
+        In the background: Redis may still be away, and the caller should not wait."""
+        if generation is None:
+            return
+
+        async def release() -> None:
+            deadline = time.monotonic() + self._rebuild_lease_s
+            while time.monotonic() < deadline:
+                try:
+                    await self._cache.release_rebuild(generation)
+                    self._next_rebuild_at = 0.0
+                    return
+                except CacheUnavailable:
+                    await asyncio.sleep(0.25)
+
+        self._release_task = asyncio.create_task(release())
 
     async def cache_complete(self) -> bool:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -57,7 +58,9 @@ class Probes:
         store_ping: Callable[[], Awaitable[bool]],
         cache_ping: Callable[[], Awaitable[bool]],
         freshness: Callable[[], Awaitable[dict[str, float]]] | None = None,
+        timeout_s: float = 1.0,
     ) -> None:
+        self._timeout_s = timeout_s
         self._svc = segments
         self._store_ping = store_ping
         self._cache_ping = cache_ping
@@ -72,19 +75,29 @@ class Probes:
                 fresh = await self._freshness()
         set_cache_gauges(complete, fresh, time.time())
 
+    async def _bounded(self, check: Awaitable[bool]) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await check
+        except TimeoutError:
+            return False
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        store_ok = await self._store_ping()
-        cache_ok = await self._cache_ping()
-        complete = cache_ok and await self._svc.cache_complete()
+        # Every check is bounded, so the probe answers within its own timeout whatever
+        # the stores do; and it only looks: a rebuild is started by reads of an
+        # incomplete copy and by the reconciler, never by a probe.
+        store_ok, cache_ok = await asyncio.gather(
+            self._bounded(self._store_ping()), self._bounded(self._cache_ping())
+        )
+        complete = cache_ok and bool(await self._bounded(self._svc.cache_complete()))
         if store_ok and complete:
             status, code = "ready", 200
         elif store_ok:
             # Reads are answered (from PostgreSQL) while the cache is rebuilt.
             status, code = ("rebuilding" if cache_ok else "cache_unavailable"), 503
-            self._svc.start_rebuild()
         else:
             status, code = "storage_unavailable", 503
         checks: dict[str, object] = {
@@ -95,8 +108,9 @@ class Probes:
         if cache_ok and self._freshness is not None:
             # Like LaunchDarkly's synchronized_on: how long ago the reconciler last
             # confirmed that Redis agrees with PostgreSQL (reported, not failed on).
-            with contextlib.suppress(CacheUnavailable):
-                fresh = await self._freshness()
+            with contextlib.suppress(CacheUnavailable, TimeoutError):
+                async with asyncio.timeout(self._timeout_s):
+                    fresh = await self._freshness()
                 if "synchronized_on" in fresh:
                     checks["synchronized_age_s"] = round(time.time() - fresh["synchronized_on"], 1)
                 checks["divergence_found"] = int(fresh.get("divergence_found", 0))

@@ -37,6 +37,7 @@ STATUS_BY_CODE = {
     "invalid_link": 403,
     "link_expired": 410,
     "storage_unavailable": 503,
+    "outcome_unknown": 503,
     "internal_error": 500,
 }
 

@@ -1,8 +1,10 @@
 """The service layer on in-memory fakes: read path, write-through, fallback, rebuild."""
 
+import asyncio
+
 import pytest
 
-from service.domain.errors import InvalidRequest, SegmentNotFound
+from service.domain.errors import InvalidRequest, SegmentNotFound, StorageUnavailable
 from service.domain.service import AddRequest, SegmentService
 from tests.fakes import FakeCache, FakeStore
 
@@ -100,3 +102,45 @@ async def test_invalid_user_id(svc) -> None:  # type: ignore[no-untyped-def]
     service, _, _ = svc
     with pytest.raises(InvalidRequest):
         await service.user_segments(0)
+
+
+async def test_a_failed_rebuild_gives_its_lease_up(svc) -> None:  # type: ignore[no-untyped-def]
+    service, store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    await cache.invalidate()
+    real = store.user_states
+
+    def broken(batch_size: int):  # type: ignore[no-untyped-def]
+        raise StorageUnavailable("PostgreSQL went away mid-rebuild")
+
+    store.user_states = broken
+    assert not await service.rebuild_cache()
+    await asyncio.sleep(0)  # the release runs in the background
+    await asyncio.sleep(0)
+    assert cache.lease is None  # not held for the lease's 30 s
+    store.user_states = real
+    assert await service.rebuild_cache()
+    assert await service.user_segments(5) == ["A"]
+
+
+async def test_a_rebuild_interrupted_by_redis_releases_once_redis_is_back(svc) -> None:  # type: ignore[no-untyped-def]
+    service, _store, cache = svc
+    await cache.invalidate()
+    real = cache.write_registry
+
+    async def down_after_lease(registry):  # type: ignore[no-untyped-def]
+        cache.down = True
+        return await real(registry)
+
+    cache.write_registry = down_after_lease
+    assert not await service.rebuild_cache()
+    assert cache.lease is not None  # Redis is down: the release keeps trying
+    cache.write_registry = real
+    cache.down = False
+    for _ in range(20):
+        if cache.lease is None:
+            break
+        await asyncio.sleep(0.05)
+    assert cache.lease is None
+    assert await service.rebuild_cache()
