@@ -263,29 +263,79 @@ def _dev_tokens(data: Path) -> dict[str, DevToken]:
     return tokens
 
 
+def _forget_broker_offsets(settings: Settings) -> None:
+    """Forget the positions PostgreSQL keeps for the topic of the embedded broker.
+
+    That broker keeps messages in memory only, so each start of it begins a new, empty log
+    at offset 0. Positions kept from an earlier log would point past its end, and the
+    consumer would skip the first messages published to the new one as already applied.
+    """
+    import asyncpg
+
+    from persistence.urls import asyncpg_url
+
+    async def forget() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(asyncpg_url(settings.database_url), timeout=10)
+        try:
+            return await conn.fetch(
+                "DELETE FROM ingest_offsets WHERE topic = $1 RETURNING partition, next_offset",
+                settings.kafka_topic,
+            )
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(forget())
+    if rows:
+        log.warning(
+            "the embedded broker starts empty: forgot the positions kept for topic %s (%s)",
+            settings.kafka_topic,
+            ", ".join(f"partition {r['partition']} at {r['next_offset']}" for r in rows),
+        )
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    """Start the embedded stack (where no URL is configured), migrate, and run the API."""
-    from service.devstack import EmbeddedBroker, EmbeddedPostgres, EmbeddedValkey, free_port
+    """Start the embedded stack (where no URL is configured), migrate, and run the API, the
+    reconciler, the consumer and the CP emulator under a supervisor that restarts whichever
+    process dies (``service.devstack.Supervisor``; the broker is never restarted for them).
+    """
+    from service.devstack import (
+        CommandChild,
+        DevstackError,
+        EmbeddedBroker,
+        EmbeddedPostgres,
+        EmbeddedValkey,
+        ServerChild,
+        Supervisor,
+        free_port,
+    )
 
     data = Path(settings.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    servers: list[EmbeddedPostgres | EmbeddedValkey | EmbeddedBroker] = []
-    children: list[subprocess.Popen[bytes]] = []
+    supervisor = Supervisor()
     stop = _StopFlag()
     try:
+        servers: list[ServerChild] = []
+        broker: ServerChild | None = None
         if not settings.database_url:
-            pg = EmbeddedPostgres(data / "postgres", free_port())
-            servers.append(pg)
+            servers.append(ServerChild(EmbeddedPostgres(data / "postgres", free_port())))
         if not settings.redis_url:
             # No persistence: Redis is a serving copy, rebuilt from PostgreSQL on start.
             vk = EmbeddedValkey(data / "valkey", free_port(), persistent=False)
-            servers.append(vk)
+            servers.append(ServerChild(vk))
         if not settings.kafka_bootstrap:
-            broker = EmbeddedBroker(data / "broker", free_port())
+            # Messages live in its memory: it is never restarted because another process
+            # died. When it dies itself, its restart is logged as data loss, and the
+            # consumer waits for it (then starts over at the new broker's offset 0).
+            broker = ServerChild(
+                EmbeddedBroker(data / "broker", free_port()),
+                loses_data=True,
+                dependents=("consume",),
+            )
             servers.append(broker)
-        for server in servers:
-            server.start()
+        for child in servers:
+            supervisor.start(child)
+            server = child.server
             log.info("started %s at %s", type(server).__name__, server.url)
             if isinstance(server, EmbeddedPostgres):
                 env[ENV_PREFIX + "DATABASE_URL"] = server.url
@@ -307,8 +357,9 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         final = load_settings(env)
         if cmd_migrate(final, args) != 0:
             return 1
-        # Children get their own session: Ctrl-C reaches only this supervisor, which
-        # then stops them in order (API first, stores last).
+        if broker is not None:
+            _forget_broker_offsets(final)
+            broker.on_restarted = lambda: _forget_broker_offsets(final)
         envs = {"reconcile": env}
         metrics = ""
         if final.metrics_port:
@@ -320,12 +371,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
                 f":{final.metrics_port} (consumer), :{final.metrics_port + 1} (reconciler)\n"
             )
         for command in commands:
-            child = subprocess.Popen(  # nosec B603  # our own module, fixed argv, no shell
-                [sys.executable, "-m", "service.cli", *command],
-                env=envs.get(command[0], env),
-                start_new_session=True,
-            )
-            children.append(child)
+            argv = [sys.executable, "-m", "service.cli", *command]
+            supervisor.start(CommandChild(command[0], argv, env=envs.get(command[0], env)))
         host, port = final.http_host, final.http_port
         print(
             f"\nuser-segments is up: http://{host}:{port}/docs\n"
@@ -342,19 +389,17 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             + metrics
             + "Try: .venv/bin/segments produce-sample   "
             "(then GET /v1/merchants/42/segments/LOYAL)\n"
-            "Press Ctrl-C to stop everything.\n",
+            "A process that dies is restarted. Press Ctrl-C to stop everything.\n",
             flush=True,
         )
-        while not stop.requested:
-            if any(child.poll() is not None for child in children):
-                log.error("a service process exited; stopping everything")
-                return 1
-            time.sleep(0.2)
-        return 0
+        return supervisor.run(lambda: stop.requested)
+    except DevstackError as exc:
+        supervisor.failure = str(exc)
+        return 1
     finally:
-        _stop_children(children)
-        for server in reversed(servers):
-            server.stop()
+        supervisor.stop()
+        if supervisor.failure is not None:
+            print(f"segments dev: stopped: {supervisor.failure}", file=sys.stderr, flush=True)
         log.info("stopped")
 
 
@@ -407,7 +452,14 @@ def config_errors(settings: Settings, command: str) -> list[str]:
         errors.append(f"{ENV_PREFIX}MAX_LIST_LENGTH must be within 1..{MAX_ITEMS}")
     if settings.sync_threshold < 1:
         errors.append(f"{ENV_PREFIX}SYNC_THRESHOLD must be at least 1")
-    for name in ("sync_deadline_s", "cp_timeout_s", "cp_rate_limit_per_s", "db_acquire_timeout_s"):
+    positive = (
+        "sync_deadline_s",
+        "cp_timeout_s",
+        "cp_rate_limit_per_s",
+        "db_acquire_timeout_s",
+        "probe_timeout_s",
+    )
+    for name in positive:
         if not getattr(settings, name) > 0:
             errors.append(f"{ENV_PREFIX}{name.upper()} must be greater than 0")
     if not 0 <= settings.sync_horizon_days <= 3650:

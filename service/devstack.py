@@ -20,6 +20,16 @@ normally or through an unhandled exception. Nothing can run cleanup after a SIGK
 parent, and a bare SIGTERM skips ``atexit`` unless the program turns it into an exception
 (``main()`` below does).
 
+``Supervisor`` (used by ``segments dev``, i.e. ``make run``) keeps a set of such servers and
+of command processes running: a child that dies is restarted alone, after an exponential
+backoff (``RestartPolicy``: 0.5 s doubling to 10 s, back to 0.5 s once it stayed up 30 s),
+with a log line naming it, its exit code or signal and the restart number. The other
+children stay up — in particular the broker, whose messages exist only in its memory, is
+never restarted because another process died. If the broker itself dies it is restarted
+empty, logged as data loss, and its dependents (the consumer) are stopped until it is back.
+Everything stops on ``stop_requested()`` (Ctrl-C/SIGTERM), on exit code 2 of a command
+(bad configuration: a restart cannot help) and on a child failing 5 times within 60 s.
+
 Run ``python -m service.devstack [ROOT]`` to bring the stack up in the foreground.
 """
 
@@ -28,7 +38,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import enum
 import importlib.util
+import logging
 import os
 import pwd
 import shutil
@@ -39,17 +51,27 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Self
 
 __all__ = [
+    "Child",
+    "ChildState",
+    "CommandChild",
     "DevstackError",
     "EmbeddedBroker",
     "EmbeddedPostgres",
     "EmbeddedServer",
     "EmbeddedStack",
     "EmbeddedValkey",
+    "RestartPolicy",
+    "ServerChild",
+    "Supervisor",
+    "describe_exit",
     "free_port",
     "main",
 ]
@@ -259,6 +281,12 @@ class EmbeddedServer:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """How the process ended when it died on its own (negative: killed by that signal);
+        None while it runs or after ``stop()``/``kill()``."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
     def pids(self) -> list[int]:
         """The server process and its live descendants (e.g. PostgreSQL backends)."""
         pid = self.pid
@@ -271,6 +299,23 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout
         self._spawn()
         self._wait_ready(deadline)
+
+    def spawn(self) -> None:
+        """Launch the process without waiting; then call ``poll_ready()`` until it is True."""
+        self._spawn()
+
+    def poll_ready(self, deadline: float) -> bool:
+        """One non-blocking readiness check after ``spawn()``: True once the server answers.
+
+        Raises ``DevstackError`` (after killing the process) when it died or ``deadline``
+        (``time.monotonic()``) passed; a supervisor uses this to restart servers without
+        blocking its loop.
+        """
+        try:
+            return self._ready_step(deadline)
+        except BaseException:
+            self.kill()
+            raise
 
     def stop(self, timeout: float = 15) -> None:
         """Graceful shutdown: ``stop_signal``, wait, then SIGKILL. Idempotent."""
@@ -354,24 +399,28 @@ class EmbeddedServer:
 
     def _wait_ready(self, deadline: float) -> None:
         try:
-            while True:
-                self._check_alive()
-                if self._probe():
-                    # The probe may have reached a foreign server that already held the
-                    # port, while ours is dying from "address already in use".
-                    time.sleep(_POLL_INTERVAL)
-                    self._check_alive()
-                    break
-                if time.monotonic() >= deadline:
-                    raise DevstackError(
-                        f"{self.name} on port {self.port} not ready in time; log "
-                        f"{self.log_path}:\n{_tail(self.log_path)}"
-                    )
+            while not self._ready_step(deadline):
                 time.sleep(_POLL_INTERVAL)
-            self._after_ready(deadline)
         except BaseException:
             self.kill()
             raise
+
+    def _ready_step(self, deadline: float) -> bool:
+        """Probe once: True when ready (``_after_ready`` done), False for 'not yet'."""
+        self._check_alive()
+        if self._probe():
+            # The probe may have reached a foreign server that already held the port,
+            # while ours is dying from "address already in use".
+            time.sleep(_POLL_INTERVAL)
+            self._check_alive()
+            self._after_ready(deadline)
+            return True
+        if time.monotonic() >= deadline:
+            raise DevstackError(
+                f"{self.name} on port {self.port} not ready in time; log "
+                f"{self.log_path}:\n{_tail(self.log_path)}"
+            )
+        return False
 
     def _check_alive(self) -> None:
         proc = self._proc
@@ -820,6 +869,413 @@ class EmbeddedStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Supervision: what `segments dev` (`make run`) does when one of its processes dies.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a :class:`Supervisor` restarts a child that died, and when it gives up.
+
+    The n-th failure in a row waits ``first_delay_s * 2**(n-1)`` (at most ``max_delay_s``)
+    before the restart; a child that had stayed up ``stable_after_s`` starts over at
+    ``first_delay_s``. A child failing ``max_failures`` times within ``window_s`` (failed
+    restarts included) stops everything.
+    """
+
+    first_delay_s: float = 0.5
+    max_delay_s: float = 10.0
+    stable_after_s: float = 30.0
+    max_failures: int = 5
+    window_s: float = 60.0
+
+    def delay(self, failures_in_a_row: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2.0 ** max(0, failures_in_a_row - 1))
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL``, from a Popen return code."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+class ChildState(enum.Enum):
+    RUNNING = "running"
+    #: Launched, not answering yet (servers); ``Child.ready()`` is polled.
+    STARTING = "starting"
+    #: Died; restarts at ``Child.restart_at``.
+    WAITING = "waiting"
+    #: Stopped on purpose until the server it depends on is back (the consumer while the
+    #: broker restarts).
+    HELD = "held"
+
+
+class Child:
+    """One process under a :class:`Supervisor`. Subclasses say how to run it.
+
+    ``dependents`` names children stopped while this one restarts and started again once it
+    is back (and ``on_restarted`` ran without raising). ``loses_data`` marks a child that
+    keeps state in memory only: its death is logged as data loss.
+    """
+
+    #: An exit code meaning "bad configuration": a restart cannot help, everything stops.
+    config_exit_code: ClassVar[int | None] = None
+    #: Servers are stopped after every command, in reverse start order.
+    is_server: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        dependents: Sequence[str] = (),
+        loses_data: bool = False,
+        on_restarted: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.dependents = tuple(dependents)
+        self.loses_data = loses_data
+        self.on_restarted = on_restarted
+        # The supervisor's bookkeeping.
+        self.state = ChildState.STARTING
+        self.last_pid: int | None = None
+        self.started_at = 0.0
+        self.restart_at = 0.0
+        self.restarts = 0
+        self.failures_in_a_row = 0
+        self.recent_failures: deque[float] = deque()
+        self.hook_pending = False
+        self.hook_retry_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.state.value}, pid={self.pid})"
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def launch(self) -> None:
+        """Start the process without waiting for it."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """After ``launch()``: True once it serves; raises ``DevstackError`` if it cannot."""
+        return True
+
+    def exit_code(self) -> int | None:
+        """None while it runs; its return code once it died."""
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        """Ask it to stop (non-blocking); ``stop()`` waits."""
+
+    def stop(self, timeout: float = 15) -> None:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        """Where to look for its output, for log messages."""
+        return ""
+
+
+class CommandChild(Child):
+    """A command (``python -m service.cli serve``...) in a session of its own; it writes to
+    the supervisor's stdout/stderr. Exit code 2 is the CLI's "bad usage or configuration"."""
+
+    config_exit_code = 2
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        dependents: Sequence[str] = (),
+        loses_data: bool = False,
+        on_restarted: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(
+            name, dependents=dependents, loses_data=loses_data, on_restarted=on_restarted
+        )
+        self.argv = list(argv)
+        self.env = None if env is None else dict(env)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def launch(self) -> None:
+        # Its own session: a terminal Ctrl-C reaches only the supervisor, which then stops
+        # the children in order.
+        self._proc = subprocess.Popen(  # nosec B603  # the caller's fixed argv, no shell
+            self.argv, env=self.env, start_new_session=True
+        )
+
+    def exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def terminate(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM (it finishes in-flight work), then SIGKILL after ``timeout``."""
+        proc = self._proc
+        if proc is None:
+            return
+        self.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class ServerChild(Child):
+    """An embedded server; a restart reuses its port and data dir."""
+
+    is_server = True
+
+    def __init__(
+        self,
+        server: EmbeddedServer,
+        *,
+        start_timeout: float = 60,
+        dependents: Sequence[str] = (),
+        loses_data: bool = False,
+        on_restarted: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(
+            server.name, dependents=dependents, loses_data=loses_data, on_restarted=on_restarted
+        )
+        self.server = server
+        self.start_timeout = start_timeout
+        self._deadline = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    def launch(self) -> None:
+        self.server.kill()  # reap what is left of the previous run
+        self._deadline = time.monotonic() + self.start_timeout
+        self.server.spawn()
+
+    def ready(self) -> bool:
+        return self.server.poll_ready(self._deadline)
+
+    def exit_code(self) -> int | None:
+        return self.server.returncode
+
+    def stop(self, timeout: float = 15) -> None:
+        self.server.stop(timeout)
+
+    def where(self) -> str:
+        return f" (log {self.server.log_path})"
+
+
+class Supervisor:
+    """Starts children, restarts each one that dies (:class:`RestartPolicy`), stops them all.
+
+    A restart touches only the child that died (and its ``dependents``): the stores and the
+    broker stay up while an application process restarts. ``run()`` returns 0 once
+    ``stop_requested()`` is true, the child's exit code when it exits with its
+    ``config_exit_code``, and 1 when a child keeps failing; ``failure`` then says why. The
+    caller then calls ``stop()``.
+    """
+
+    def __init__(
+        self,
+        policy: RestartPolicy | None = None,
+        *,
+        poll_s: float = 0.1,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.policy = policy or RestartPolicy()
+        self.poll_s = poll_s
+        self.log = logger or logging.getLogger("segments.dev")
+        self.children: list[Child] = []
+        #: Why ``run()`` gave up; None while it has not.
+        self.failure: str | None = None
+
+    def child(self, name: str) -> Child:
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(name)
+
+    def start(self, child: Child) -> None:
+        """Start ``child`` and wait until it is ready. A failure here raises (no restart)."""
+        if any(c.name == child.name for c in self.children):
+            raise ValueError(f"two children named {child.name!r}")
+        self.children.append(child)  # first, so that stop() covers a half-started child
+        child.started_at = time.monotonic()
+        child.launch()
+        child.last_pid = child.pid
+        while not child.ready():
+            time.sleep(self.poll_s)
+        child.state = ChildState.RUNNING
+
+    def run(self, stop_requested: Callable[[], bool]) -> int:
+        """Watch and restart the children until ``stop_requested()`` or a fatal failure."""
+        while not stop_requested():
+            for child in self.children:
+                code = self._step(child)
+                if code is not None:
+                    return code
+            time.sleep(self.poll_s)
+        return 0
+
+    def stop(self, timeout: float = 15) -> None:
+        """Stop everything: the commands at once, then the servers in reverse start order."""
+        commands = [c for c in self.children if not c.is_server]
+        servers = [c for c in reversed(self.children) if c.is_server]
+        for child in commands:
+            child.terminate()
+        for child in (*commands, *servers):
+            try:
+                child.stop(timeout)
+            except Exception:  # keep stopping the others
+                self.log.exception("stopping %s failed", child.name)
+
+    # -- machinery ----------------------------------------------------------------------------
+
+    def _step(self, child: Child) -> int | None:
+        now = time.monotonic()
+        if child.state is ChildState.RUNNING:
+            code = child.exit_code()
+            if code is not None:
+                return self._died(child, describe_exit(code), code)
+            if child.hook_pending and now >= child.hook_retry_at:
+                self._after_restart(child)
+        elif child.state is ChildState.STARTING:
+            try:
+                ready = child.ready()
+            except Exception as exc:  # DevstackError, or a setup step that failed
+                first_line = (str(exc) or type(exc).__name__).splitlines()[0]
+                return self._died(child, f"did not start again: {first_line}", None)
+            if ready:
+                child.state = ChildState.RUNNING
+                self.log.info(
+                    "%s is running again (pid %s, restart #%d)",
+                    child.name,
+                    child.last_pid,
+                    child.restarts,
+                )
+                child.hook_pending = child.on_restarted is not None or bool(child.dependents)
+                if child.hook_pending:
+                    self._after_restart(child)
+        elif child.state is ChildState.WAITING and now >= child.restart_at:
+            child.started_at = now
+            child.state = ChildState.STARTING
+            try:
+                child.launch()
+            except Exception as exc:  # e.g. OSError from exec
+                return self._died(child, f"could not be started: {exc}", None)
+            child.last_pid = child.pid
+        return None
+
+    def _died(self, child: Child, why: str, code: int | None) -> int | None:
+        """Bookkeeping for a child that died or failed to start: schedule it or give up."""
+        policy = self.policy
+        now = time.monotonic()
+        up_s = now - child.started_at
+        if up_s >= policy.stable_after_s:
+            child.failures_in_a_row = 0
+        child.failures_in_a_row += 1
+        child.recent_failures.append(now)
+        while child.recent_failures[0] <= now - policy.window_s:
+            child.recent_failures.popleft()
+        who = f"{child.name} (pid {child.last_pid})"
+        if code is not None and code == child.config_exit_code:
+            self.failure = (
+                f"{who} exited with code {code}: bad configuration (see its message above), "
+                "which a restart cannot fix; stopping everything"
+            )
+            self.log.error("%s", self.failure)
+            return code
+        if len(child.recent_failures) >= policy.max_failures:
+            self.failure = (
+                f"{who} {why}{child.where()}; it failed {len(child.recent_failures)} times "
+                f"within {policy.window_s:.0f} s, so it is not restarted again; stopping "
+                "everything"
+            )
+            self.log.error("%s", self.failure)
+            return 1
+        child.restarts += 1
+        delay = policy.delay(child.failures_in_a_row)
+        child.state = ChildState.WAITING
+        child.restart_at = now + delay
+        if child.loses_data:
+            self.log.error(
+                "%s %s after %.1f s: EVERYTHING IT HELD IN MEMORY IS LOST (for the broker: "
+                "topics, messages not consumed yet, consumer offsets). Restarting it EMPTY on "
+                "the same address in %.1f s (restart #%d); publish again what was lost.%s",
+                who,
+                why,
+                up_s,
+                delay,
+                child.restarts,
+                child.where(),
+            )
+        else:
+            self.log.warning(
+                "%s %s after %.1f s; restart #%d in %.1f s%s",
+                who,
+                why,
+                up_s,
+                child.restarts,
+                delay,
+                child.where(),
+            )
+        for name in child.dependents:
+            dependent = self.child(name)
+            if dependent.state in (ChildState.RUNNING, ChildState.STARTING):
+                self.log.warning(
+                    "stopping %s (pid %s) until %s is back",
+                    name,
+                    dependent.last_pid,
+                    child.name,
+                )
+                dependent.terminate()  # waited for before it starts again
+            dependent.state = ChildState.HELD
+        return None
+
+    def _after_restart(self, child: Child) -> None:
+        """Run ``on_restarted``, then start the held dependents; retried each second."""
+        if child.on_restarted is not None:
+            try:
+                child.on_restarted()
+            except Exception as exc:
+                self.log.warning(
+                    "after restarting %s: %s; %s wait, retrying in 1 s",
+                    child.name,
+                    exc,
+                    ", ".join(child.dependents) or "nothing",
+                )
+                child.hook_retry_at = time.monotonic() + 1
+                return
+        child.hook_pending = False
+        for name in child.dependents:
+            dependent = self.child(name)
+            if dependent.state is ChildState.HELD:
+                dependent.stop(timeout=5)
+                dependent.restarts += 1
+                self.log.info(
+                    "starting %s again (%s is back; restart #%d)",
+                    name,
+                    child.name,
+                    dependent.restarts,
+                )
+                dependent.state = ChildState.WAITING
+                dependent.restart_at = time.monotonic()
 
 
 def main(argv: list[str] | None = None) -> int:

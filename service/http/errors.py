@@ -42,6 +42,10 @@ STATUS_BY_CODE = {
 }
 
 
+# Unavailable stores come back by themselves: every such answer says when to retry.
+_RETRY_AFTER_S = {"storage_unavailable": 1, "outcome_unknown": 1}
+
+
 class ApiError(Exception):
     """An error raised by the HTTP layer itself (bad content type, bad JSON, ...)."""
 
@@ -61,7 +65,7 @@ def error_response(
         status=status or STATUS_BY_CODE.get(code, 400),
         content_type="application/json",
     )
-    retry_after = (details or {}).get("retry_after_s")
+    retry_after = (details or {}).get("retry_after_s", _RETRY_AFTER_S.get(code))
     if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
         # Every error that says when to come back says it in the standard header too.
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))

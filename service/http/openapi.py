@@ -36,8 +36,8 @@ _SYNC = (
     " ever exceeds T. 200: in force (CP holds exactly the customers reported, each counted"
     " until end_date). 502/503/504: nothing of this call is in force, now or later (the"
     " attempt is undone; the promo's state becomes failed). 409 sync_in_progress: another"
-    " call for this promo is running; retry after Retry-After. 503 with outcome unknown in"
-    " details: read GET /v1/promos/{promo_id} or retry."
+    " call for this promo is running; retry after Retry-After. 503 outcome_unknown:"
+    " PostgreSQL failed while completing; read GET /v1/promos/{promo_id} or retry."
 )
 
 
