@@ -156,6 +156,34 @@ snapshot_parts = Table(
     Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# Migration 0005: Kafka changes of an audience waiting, in log order, behind a snapshot
+# being staged (kind 'snapshot': the snapshot's own place in the queue, its parts are in
+# snapshot_parts).
+audience_pending = Table(
+    "audience_pending",
+    metadata,
+    Column("merchant_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("segment_type", Text, primary_key=True),
+    Column("seq", BigInteger, Identity(always=True), primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("batch_id", Text),
+    Column("parts", Integer),
+    Column("customer_ids", ARRAY(BigInteger)),
+    Column("source", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(
+        "kind IN ('snapshot', 'replace', 'add', 'remove')", name="audience_pending_kind_check"
+    ),
+    Index(
+        "audience_pending_snapshot",
+        "merchant_id",
+        "segment_type",
+        "batch_id",
+        unique=True,
+        postgresql_where=text("kind = 'snapshot'"),
+    ),
+)
+
 ingest_offsets = Table(
     "ingest_offsets",
     metadata,

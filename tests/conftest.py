@@ -31,8 +31,9 @@ from service.settings import Settings, load_settings
 
 TABLES = (
     "membership_history, memberships, auto_exclusions, user_versions, segments,"
-    " audiences, audience_members, audience_history, snapshot_parts, ingest_offsets,"
-    " promo_syncs, sync_ledger, sync_customers, counter_outbox, cp_cleanup, cache_outbox"
+    " audiences, audience_members, audience_history, snapshot_parts, audience_pending,"
+    " ingest_offsets, promo_syncs, sync_ledger, sync_customers, counter_outbox, cp_cleanup,"
+    " cache_outbox"
 )
 
 

@@ -19,9 +19,11 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from service.bootstrap import Container
-from service.devstack import free_port
+from service.devstack import EmbeddedStack, free_port
 from service.domain.audiences import AudienceKey, AudienceNotFound
+from service.domain.errors import StorageUnavailable
 from service.ingest.messages import AudienceMessage, encode
+from service.settings import Settings
 from tests.conftest import scrape
 
 APPLIED = "segments_kafka_messages_applied_total"
@@ -67,6 +69,43 @@ async def _send(producer: AIOKafkaProducer, topic: str, **fields: object) -> Non
     await producer.send_and_wait(topic, value=value, key=key)
 
 
+async def _start_consume(
+    settings: Settings, topic: str, tmp_path: Path, extra: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, Path]:
+    """`python -m service.cli consume` on ``topic`` (its own group), stderr to a file."""
+    # Only the settings this test means, and no multiprocess metrics directory.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SEGMENTS_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env |= {
+        "SEGMENTS_DATABASE_URL": settings.database_url,
+        "SEGMENTS_REDIS_URL": settings.redis_url,
+        "SEGMENTS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SEGMENTS_KAFKA_TOPIC": topic,
+        "SEGMENTS_KAFKA_DLQ_TOPIC": f"{topic}.dlq",
+        "SEGMENTS_KAFKA_GROUP": topic,
+        "SEGMENTS_LOG_JSON": "false",
+        "SEGMENTS_LOG_LEVEL": "INFO",
+        **(extra or {}),
+    }
+    stderr = tmp_path / f"consume-{topic}.stderr"
+    with stderr.open("wb") as err:
+        # Our own interpreter and module, fixed arguments.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service.cli",
+            "consume",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+        )
+    return proc, stderr
+
+
 async def test_consume_process_applies_reports_and_commits_on_sigterm(
     clean: Container, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
@@ -99,36 +138,9 @@ async def test_consume_process_applies_reports_and_commits_on_sigterm(
     await send(vip, "remove", [1])
     await send(new, "replace", [10, 11])
 
-    # Only the settings this test means, and no multiprocess metrics directory.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SEGMENTS_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    env |= {
-        "SEGMENTS_DATABASE_URL": settings.database_url,
-        "SEGMENTS_REDIS_URL": settings.redis_url,
-        "SEGMENTS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "SEGMENTS_KAFKA_TOPIC": topic,
-        "SEGMENTS_KAFKA_DLQ_TOPIC": f"{topic}.dlq",
-        "SEGMENTS_KAFKA_GROUP": group,
-        "SEGMENTS_METRICS_PORT": str(metrics_port),
-        "SEGMENTS_LOG_JSON": "false",
-        "SEGMENTS_LOG_LEVEL": "INFO",
-    }
-    stderr = tmp_path / "consume.stderr"
-    with stderr.open("wb") as err:
-        # Our own interpreter and module, fixed arguments.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service.cli",
-            "consume",
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=err,
-            stderr=err,
-        )
+    proc, stderr = await _start_consume(
+        settings, topic, tmp_path, {"SEGMENTS_METRICS_PORT": str(metrics_port)}
+    )
     try:
 
         async def has(key: AudienceKey, version: int, customers: int) -> bool:
@@ -213,6 +225,74 @@ async def test_consume_process_applies_reports_and_commits_on_sigterm(
             await checker.stop()
     finally:
         await producer.stop()
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_consume_process_survives_postgres_stopped_and_paused(
+    clean: Container, stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped for 10 s, then frozen (SIGSTOP) for 8 s: the consumer keeps
+    running (its periodic clean-up of stale snapshots included: a short part TTL makes
+    it run every second) and applies what was published meanwhile once it is back."""
+    settings = clean.settings
+    topic = f"consumer-pg-down-{uuid.uuid4().hex[:8]}"
+    key = AudienceKey(73, "PROC_PG")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+
+    async def add(cid: int) -> None:
+        await _send(
+            producer,
+            topic,
+            merchant_id=key.merchant_id,
+            segment_type=key.segment_type,
+            op="add",
+            customer_ids=[cid],
+        )
+
+    async def has(version: int) -> bool:
+        try:
+            info = await clean.audiences.get(key)
+        except (AudienceNotFound, StorageUnavailable):
+            return False
+        return (info.version, info.customers) == (version, version)
+
+    await add(1)
+    proc, stderr = await _start_consume(
+        settings, topic, tmp_path, {"SEGMENTS_SNAPSHOT_PART_TTL_S": "2"}
+    )
+    try:
+        await _until(lambda: has(1), 60, "the first message applied", proc, stderr)
+
+        async def outage(begin: Callable[[], None], end: Callable[[], None], cid: int) -> None:
+            await asyncio.to_thread(begin)
+            try:
+                await add(cid)  # published while PostgreSQL is away
+                for _ in range(40):
+                    await asyncio.sleep(0.25)
+                    assert proc.returncode is None, f"consumer exited:\n{_tail(stderr)}"
+            finally:
+                await asyncio.to_thread(end)
+
+        await outage(stack.postgres.stop, stack.postgres.start, 2)
+        await add(3)  # published after it came back
+        await _until(lambda: has(3), 60, "messages applied after the restart", proc, stderr)
+
+        await outage(stack.postgres.pause, stack.postgres.resume, 4)
+        await add(5)
+        await _until(lambda: has(5), 60, "messages applied after the pause", proc, stderr)
+
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+        assert proc.returncode == 0, f"exit code {proc.returncode}:\n{_tail(stderr)}"
+    finally:
+        await producer.stop()
+        if stack.postgres.running:
+            stack.postgres.resume()
+        else:
+            await asyncio.to_thread(stack.postgres.start)
         if proc.returncode is None:
             proc.kill()
             await asyncio.wait_for(proc.wait(), 10)
