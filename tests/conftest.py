@@ -30,8 +30,8 @@ from service.http.serving import ApiRunner
 from service.settings import Settings, load_settings
 
 TABLES = (
-    "membership_history, memberships, auto_exclusions, user_versions, segments,"
-    " audiences, audience_members, audience_history, snapshot_parts, audience_pending,"
+    "membership_history, memberships, auto_exclusions, user_versions, segment_history,"
+    " segments, audiences, audience_members, audience_history, snapshot_parts, audience_pending,"
     " ingest_offsets, promo_syncs, sync_ledger, sync_customers, counter_outbox, cp_cleanup,"
     " cache_outbox"
 )
@@ -99,6 +99,9 @@ async def cp(cp_server: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
 async def clean(container: Container, db: asyncpg.Connection) -> Container:
     """Empty both stores and mark the (empty) cache complete, as after a rebuild."""
     await db.execute(f"TRUNCATE {TABLES} CASCADE")
+    # A fault test may have restarted Valkey: start from fresh connections, not ones
+    # the old server closed (each would fail once).
+    await container.cache._r.connection_pool.disconnect()
     await container.cache._r.flushall()
     # A rebuild returns False when one that a previous test's reads started still holds
     # the lease, or when a Redis call failed for a moment (a timeout on a loaded
