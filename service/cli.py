@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -125,8 +126,9 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from service import reconciler
     from service.bootstrap import build, counter_bridge
+    from service.observability import RECONCILER
 
-    _serve_metrics(settings)
+    _serve_metrics(settings, RECONCILER)
 
     async def main(stop: asyncio.Event) -> None:
         container = await build(settings)
@@ -144,12 +146,17 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_metrics(settings: Settings) -> None:
-    """A Prometheus endpoint for the processes that do not serve HTTP themselves."""
+def _serve_metrics(settings: Settings, process: str) -> None:
+    """A Prometheus endpoint for the processes that do not serve HTTP themselves, with
+    the families of their kind (``service.observability.FAMILIES``)."""
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, addr=settings.http_host)
+        from service.observability import registry
+
+        start_http_server(
+            settings.metrics_port, addr=settings.http_host, registry=registry(process)
+        )
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]], timeout_s: float = 15) -> None:
@@ -191,17 +198,22 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> No
 
 
 def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
-    from service.bootstrap import build
+    from service.bootstrap import build, counter_bridge
     from service.http.schemas import MAX_AUDIENCE_IDS
     from service.ingest.consumer import AudienceConsumer
+    from service.observability import CONSUMER
 
-    _serve_metrics(settings)
+    _serve_metrics(settings, CONSUMER)
 
     async def main(stop: asyncio.Event) -> None:
         container = await build(settings)
+        bridge = asyncio.create_task(counter_bridge(container).run())  # the pool's gauges
         try:
             await AudienceConsumer(settings, container.audiences, MAX_AUDIENCE_IDS).run(stop)
         finally:
+            bridge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bridge
             await container.close()
 
     _run_until_signalled(main)
@@ -293,6 +305,22 @@ def _forget_broker_offsets(settings: Settings) -> None:
         )
 
 
+def _write_dev_env(data: Path, settings: Settings, token: str) -> Path:
+    """``export`` lines for another shell, so `segments produce-sample`, `segments
+    rebuild` and curl reach this stack (readable by its owner only: it holds a token)."""
+    lines = [
+        f"export {ENV_PREFIX}DATABASE_URL={shlex.quote(settings.database_url)}",
+        f"export {ENV_PREFIX}REDIS_URL={shlex.quote(settings.redis_url)}",
+        f"export {ENV_PREFIX}KAFKA_BOOTSTRAP={shlex.quote(settings.kafka_bootstrap)}",
+        f"export {ENV_PREFIX}CP_URL={shlex.quote(settings.cp_url)}",
+        f"export TOKEN={shlex.quote(token)}",
+    ]
+    path = data / "dev.env"
+    path.touch(mode=0o600)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Start the embedded stack (where no URL is configured), migrate, and run the API, the
     reconciler, the consumer and the CP emulator under a supervisor that restarts whichever
@@ -309,9 +337,11 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         free_port,
     )
 
-    data = Path(settings.data_dir).resolve()
+    data = Path(args.data_dir or settings.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    if args.port is not None:
+        env[ENV_PREFIX + "HTTP_PORT"] = str(args.port)
     supervisor = Supervisor()
     stop = _StopFlag()
     try:
@@ -374,6 +404,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             argv = [sys.executable, "-m", "service.cli", *command]
             supervisor.start(CommandChild(command[0], argv, env=envs.get(command[0], env)))
         host, port = final.http_host, final.http_port
+        dev_env = _write_dev_env(data, final, tokens["dev"]["token"])
         print(
             f"\nuser-segments is up: http://{host}:{port}/docs\n"
             f"  {ENV_PREFIX}DATABASE_URL={final.database_url}\n"
@@ -387,6 +418,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             )
             + f"  export TOKEN={tokens['dev']['token']}   # all scopes, for curl\n"
             + metrics
+            + f"In another shell: source {dev_env}   (the settings above, and TOKEN)\n"
             + "Try: .venv/bin/segments produce-sample   "
             "(then GET /v1/merchants/42/segments/LOYAL)\n"
             "A process that dies is restarted. Press Ctrl-C to stop everything.\n",
@@ -443,7 +475,7 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 
 def config_errors(settings: Settings, command: str) -> list[str]:
     """What is wrong with ``settings`` for running ``command``; empty when nothing is."""
-    from service.http.middleware import parse_tokens
+    from service.http.middleware import parse_access_log, parse_tokens
     from service.http.schemas import MAX_ITEMS
 
     errors = []
@@ -474,7 +506,30 @@ def config_errors(settings: Settings, command: str) -> list[str]:
         parse_tokens(settings.auth_tokens)
     except ValueError as exc:  # msgspec's decode errors are ValueErrors too
         errors.append(f"{ENV_PREFIX}AUTH_TOKENS: {exc}")
+    try:
+        parse_access_log(settings.access_log, settings.access_log_slow_ms)
+    except ValueError as exc:
+        errors.append(str(exc))
     return errors
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where it comes from the settings (None): the
+    option's help names that setting and its default instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("user-segments")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,26 +539,52 @@ def build_parser() -> argparse.ArgumentParser:
         f"Configuration comes from {ENV_PREFIX}* environment variables. "
         "Exit codes: 0 done, 1 failed at run time, 2 bad usage or configuration.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "serve":
-            p.add_argument("--host", default=None, help="listen address (default: settings)")
-            p.add_argument("--port", type=int, default=None, help="listen port (default: settings)")
+        # Every option's help shows its default.
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            formatter_class=_DefaultsHelp,
+        )
+        if name == "dev":
             p.add_argument(
-                "--workers", type=int, default=None, help="worker processes (default: settings)"
+                "--port",
+                type=int,
+                default=None,
+                help="API port (default: SEGMENTS_HTTP_PORT, 8080)",
+            )
+            p.add_argument(
+                "--data-dir",
+                default=None,
+                help="where the embedded servers keep their data (default: SEGMENTS_DATA_DIR, var)",
+            )
+        if name == "serve":
+            p.add_argument(
+                "--host", default=None, help="listen address (default: SEGMENTS_HTTP_HOST)"
+            )
+            p.add_argument(
+                "--port", type=int, default=None, help="listen port (default: SEGMENTS_HTTP_PORT)"
+            )
+            p.add_argument(
+                "--workers",
+                type=int,
+                default=None,
+                help="worker processes (default: SEGMENTS_HTTP_WORKERS)",
             )
             p.add_argument(
                 "--reuse-port", action="store_true", help="bind with SO_REUSEPORT (for workers)"
             )
         elif name == "cp-emulator":
-            p.add_argument("--host", default="127.0.0.1")
-            p.add_argument("--port", type=int, default=8081)
+            p.add_argument("--host", default="127.0.0.1", help="listen address")
+            p.add_argument("--port", type=int, default=8081, help="listen port")
         elif name == "produce-sample":
-            p.add_argument("--merchant-id", type=int, default=42)
-            p.add_argument("--segment-type", default="LOYAL")
-            p.add_argument("--customers", type=int, default=100_000)
-            p.add_argument("--parts", type=int, default=4)
+            p.add_argument("--merchant-id", type=int, default=42, help="the audience's merchant")
+            p.add_argument("--segment-type", default="LOYAL", help="the audience's type")
+            p.add_argument("--customers", type=int, default=100_000, help="customer ids 1..N")
+            p.add_argument("--parts", type=int, default=4, help="messages the snapshot spans")
     return parser
 
 

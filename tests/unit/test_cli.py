@@ -3,6 +3,7 @@ a message (no traceback) for bad usage or configuration."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -88,3 +89,27 @@ def test_supervisor_gives_up_when_workers_exit_with_2() -> None:
     )
     assert done.returncode == 2, done.stderr.decode()[-2000:]
     assert b"exited with 2 (configuration); stopping" in done.stderr
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out.split()
+    assert out[0] == "segments" and out[1][0].isdigit()
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_option_says_its_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = [a for a in sub.choices[command]._actions if a.option_strings and a.dest != "help"]
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in options:
+        assert action.help, f"{command} {action.option_strings}: no help"
+        if action.default not in (None, False):
+            assert f"(default: {action.default})" in text, (command, action.option_strings)
+        elif action.default is None:
+            assert "default: SEGMENTS_" in " ".join(action.help.split()), action.option_strings
