@@ -58,6 +58,34 @@ _ERROR_CLASSES: dict[str, type[rexc.RedisError]] = {
 }
 
 
+def unsupported_url(url: str) -> str | None:
+    """Why this client cannot serve ``url`` (None when it can).
+
+    It speaks plain RESP over TCP and reads only the host, port, credentials and the
+    ``/db`` path of a ``redis://`` URL: it has no TLS (a ``rediss://`` URL would be served
+    in clear text), no unix sockets, and ignores the options redis-py takes from the query
+    string (``?db=2`` would silently read another database).  Such URLs are refused here;
+    ``RedisCache.from_url`` then sends every call through redis-py, which handles them.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "rediss":
+        return "rediss:// (TLS) is not supported by the pipelined client"
+    if scheme == "unix":
+        return "unix sockets (unix://) are not supported by the pipelined client"
+    if scheme != "redis":
+        return f"{scheme or 'a URL without a'}:// scheme is not supported by the pipelined client"
+    if parts.query:
+        return "URL options (?...) are understood by redis-py only, not the pipelined client"
+    return None
+
+
+def _check_url(url: str) -> None:
+    reason = unsupported_url(url)
+    if reason is not None:
+        raise ValueError(reason)
+
+
 def _error(err: rexc.ResponseError) -> rexc.RedisError:
     msg = str(err)
     cls = _ERROR_CLASSES.get(msg.split(" ", 1)[0])
@@ -82,7 +110,10 @@ class PipelinedConnection(asyncio.Protocol):
     async def connect(
         cls, url: str, *, timeout_s: float, password: str | None = None
     ) -> PipelinedConnection:
-        """Open, authenticate, select the db and PING (so a frozen server fails here)."""
+        """Open, authenticate, select the db and PING (so a frozen server fails here).
+
+        Raises ``ValueError`` for a URL this client cannot serve (``unsupported_url``)."""
+        _check_url(url)
         u = urlsplit(url)
         password = password if password is not None else (u.password and unquote(u.password))
         db = int(u.path.strip("/") or 0)
@@ -227,6 +258,7 @@ class PipelinedPool:
     def __init__(
         self, url: str, *, size: int = 1, timeout_s: float = 0.25, password: str | None = None
     ) -> None:
+        _check_url(url)  # refused at once, not at the first (background) connect
         self.url, self.timeout_s, self.password = url, timeout_s, password
         self._conns: list[PipelinedConnection | None] = [None] * size
         self._last_attempt = [float("-inf")] * size

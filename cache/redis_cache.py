@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -21,12 +22,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from cache import keys
-from cache.pipelined import PipelinedPool
+from cache.pipelined import PipelinedPool, unsupported_url
 from service.domain.errors import CacheUnavailable
 from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, UserState
 from service.domain.promos import CustomerCounts, end_of_day
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # Keys of users with nothing to expire by themselves are kept at least this long, so
 # their version outlives any slow writer holding an older state.
@@ -332,7 +335,15 @@ class RedisCache:
             # Fail fast: the caller falls back to PostgreSQL instead of retrying here.
             retry_on_timeout=False,
         )
-        fast = PipelinedPool(url, timeout_s=timeout_s) if pipelined_reads else None
+        fast = None
+        if pipelined_reads:
+            # Only plain redis:// over TCP: for TLS, unix sockets or URL options every
+            # call goes through redis-py, which understands them (cache/pipelined.py).
+            reason = unsupported_url(url)
+            if reason is None:
+                fast = PipelinedPool(url, timeout_s=timeout_s)
+            else:
+                log.warning("hot reads go through redis-py instead: %s", reason)
         return cls(client, fast, pool_size)
 
     async def start(self) -> None:

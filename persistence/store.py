@@ -7,6 +7,7 @@ path avoids SQLAlchemy's per-statement compile and result-processing overhead.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from persistence import history
 from service.domain.changes import SegmentRef, plan_change
 from service.domain.errors import (
     OutcomeUnknown,
@@ -21,6 +23,7 @@ from service.domain.errors import (
     SegmentNotFound,
     StorageUnavailable,
 )
+from service.domain.history import ExplainInputs
 from service.domain.model import (
     NEVER,
     AppliedChange,
@@ -201,13 +204,14 @@ _WRITE_PARTS = (
     (
         """, h AS (
         INSERT INTO membership_history
-            (occurred_at, user_id, segment_id, slug, operation, cause)
-        SELECT to_timestamp(t.at), $1, t.sid, t.slug, t.op, t.cause
-        FROM unnest($a::float8[], $b::bigint[], $c::text[], $d::text[], $e::text[])
-            AS t(at, sid, slug, op, cause)
+            (occurred_at, user_id, segment_id, slug, operation, cause, kind, expires_at)
+        SELECT to_timestamp(t.at), $1, t.sid, t.slug, t.op, t.cause, t.kind, to_timestamp(t.exp)
+        FROM unnest($a::float8[], $b::bigint[], $c::text[], $d::text[], $e::text[],
+                    $f::text[], $g::float8[])
+            AS t(at, sid, slug, op, cause, kind, exp)
         WHERE EXISTS (SELECT FROM v)
     )""",
-        5,
+        7,
     ),
 )
 _WRITES: dict[tuple[bool, ...], str] = {}
@@ -221,7 +225,7 @@ def _write_statement(present: tuple[bool, ...]) -> str:
         n = 5  # $1..$4 are the head's
         for wanted, (part, count) in zip(present, _WRITE_PARTS, strict=True):
             if wanted:
-                for letter in "abcde"[:count]:
+                for letter in "abcdefg"[:count]:
                     part = part.replace(f"${letter}", f"${n}")
                     n += 1
                 out.append(part)
@@ -301,6 +305,7 @@ class PgStore:
         self.in_use = 0
         self.in_use_peak = 0
         self.acquire_timeouts = 0
+        self.waiting = 0  # callers in acquire() now
 
     @classmethod
     async def connect(
@@ -346,6 +351,7 @@ class PgStore:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
+        self.waiting += 1
         try:
             conn = await self._pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError as exc:
@@ -356,14 +362,18 @@ class PgStore:
             ) from exc
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable("PostgreSQL is unavailable; nothing was changed") from exc
+        finally:
+            self.waiting -= 1
         self.in_use += 1
         self.in_use_peak = max(self.in_use_peak, self.in_use)
         try:
             try:
                 yield conn
-            except _CONNECTION_ERRORS:
+            except (*_CONNECTION_ERRORS, asyncio.CancelledError):
                 # The connection may be half-way through a protocol exchange: never
-                # hand it to the next caller.
+                # hand it to the next caller.  (Cancelled, e.g. by a probe's timeout:
+                # releasing it would first wait for the server to answer a cancel
+                # request, which a frozen server never does.)
                 conn.terminate()
                 raise
         except _CONNECTION_ERRORS as exc:
@@ -415,10 +425,18 @@ class PgStore:
         async with self.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
             try:
+                # With its first segment_history row (its rule as created), stamped
+                # after the registry lock: segment changes are stamped in commit order.
                 row = await conn.fetchrow(
-                    "INSERT INTO segments (slug, description, auto_bp, version)"
+                    "WITH s AS ("
+                    " INSERT INTO segments (slug, description, auto_bp, version)"
                     " VALUES ($1, $2, $3, nextval('change_id_seq'))"
-                    f" RETURNING {_SEGMENT_COLUMNS}",  # nosec B608
+                    f" RETURNING {_SEGMENT_COLUMNS}"  # nosec B608
+                    "), h AS ("
+                    " INSERT INTO segment_history"
+                    " (segment_id, slug, occurred_at, operation, new_bp)"
+                    " SELECT id, slug, clock_timestamp(), 'created', auto_bp FROM s)"
+                    " SELECT * FROM s",
                     slug,
                     description,
                     auto_bp,
@@ -448,52 +466,95 @@ class PgStore:
     async def update_segment(
         self, slug: str, *, description: str | None, auto_bp: int | None, set_auto: bool
     ) -> Segment:
-        """Change a live segment's description and/or percentage rule."""
+        """Change a live segment's description and/or percentage rule; a rule that
+        changes gets a ``rule_changed`` row in segment_history, in the same transaction."""
         async with self.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
+            # The row lock first, then the time: a change of a user naming this segment
+            # that committed before us is stamped before it (it held the row FOR SHARE).
+            old = await conn.fetchrow(
+                "SELECT id, auto_bp FROM segments"
+                " WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",
+                slug,
+            )
+            if old is None:
+                raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
+            at = await conn.fetchval("SELECT clock_timestamp()")
             row = await conn.fetchrow(
                 "UPDATE segments SET"
                 " description = coalesce($2, description),"
                 " auto_bp = CASE WHEN $3 THEN $4 ELSE auto_bp END,"
                 " version = nextval('change_id_seq')"
-                " WHERE slug = $1 AND deleted_at IS NULL"
+                " WHERE id = $1"
                 f" RETURNING {_SEGMENT_COLUMNS}",  # nosec B608
-                slug,
+                old["id"],
                 description,
                 set_auto,
                 auto_bp,
             )
-        if row is None:
-            raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
+            assert row is not None
+            if set_auto and old["auto_bp"] != auto_bp:
+                await conn.execute(
+                    "INSERT INTO segment_history"
+                    " (segment_id, slug, occurred_at, operation, old_bp, new_bp)"
+                    " VALUES ($1, $2, $3, 'rule_changed', $4, $5)",
+                    old["id"],
+                    slug,
+                    at,
+                    old["auto_bp"],
+                    auto_bp,
+                )
         return _segment(row)
 
     async def delete_segment(self, slug: str) -> Segment:
         async with self.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
-            row = await conn.fetchrow(
-                "UPDATE segments SET deleted_at = now(), version = nextval('change_id_seq')"
-                " WHERE slug = $1 AND deleted_at IS NULL"
-                f" RETURNING {_SEGMENT_COLUMNS}",  # nosec B608
+            # The row lock first, then the time (as in update_segment).
+            old = await conn.fetchrow(
+                "SELECT id, auto_bp FROM segments"
+                " WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",
                 slug,
             )
-            if row is None:
+            if old is None:
                 raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
-            # One `remove` per member at deletion time; a membership that had already
-            # expired (but was not swept yet) ends at its expiry instead.
+            at = await conn.fetchval("SELECT clock_timestamp()")
+            sid = old["id"]
+            row = await conn.fetchrow(
+                "UPDATE segments SET deleted_at = $2, version = nextval('change_id_seq')"
+                f" WHERE id = $1 RETURNING {_SEGMENT_COLUMNS}",  # nosec B608
+                sid,
+                at,
+            )
+            assert row is not None
+            # Every membership and exclusion ends, as facts: a membership that had
+            # already expired (but was not swept yet) ends at its expiry instead.
             await conn.execute(
                 """
                 INSERT INTO membership_history
-                    (occurred_at, user_id, segment_id, slug, operation, cause)
-                SELECT CASE WHEN expires_at <= now() THEN expires_at ELSE now() END,
+                    (occurred_at, user_id, segment_id, slug, operation, cause, kind)
+                SELECT CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
                        user_id, segment_id, $2, 'remove',
-                       CASE WHEN expires_at <= now() THEN 'expiry' ELSE 'segment_deleted' END
+                       CASE WHEN expires_at <= $3 THEN 'expiry' ELSE 'segment_deleted' END,
+                       'member'
                 FROM memberships WHERE segment_id = $1
+                UNION ALL
+                SELECT $3, user_id, segment_id, $2, 'add', 'segment_deleted', 'exclusion'
+                FROM auto_exclusions WHERE segment_id = $1
                 """,
-                row["id"],
+                sid,
                 slug,
+                at,
             )
-            await conn.execute("DELETE FROM memberships WHERE segment_id = $1", row["id"])
-            await conn.execute("DELETE FROM auto_exclusions WHERE segment_id = $1", row["id"])
+            await conn.execute(
+                "INSERT INTO segment_history (segment_id, slug, occurred_at, operation, old_bp)"
+                " VALUES ($1, $2, $3, 'deleted', $4)",
+                sid,
+                slug,
+                at,
+                old["auto_bp"],
+            )
+            await conn.execute("DELETE FROM memberships WHERE segment_id = $1", sid)
+            await conn.execute("DELETE FROM auto_exclusions WHERE segment_id = $1", sid)
         return _segment(row)
 
     async def registry(self) -> Registry:
@@ -588,6 +649,8 @@ class PgStore:
             args.append([e.slug for e in events])
             args.append([e.operation for e in events])
             args.append([e.cause for e in events])
+            args.append([e.kind for e in events])
+            args.append([e.expires_at for e in events])
         key = (
             bool(plan.upsert),
             bool(plan.delete),
@@ -677,8 +740,8 @@ class PgStore:
                     RETURNING m.user_id, m.segment_id, m.expires_at
                 )
                 INSERT INTO membership_history
-                    (occurred_at, user_id, segment_id, slug, operation, cause)
-                SELECT e.expires_at, e.user_id, e.segment_id, s.slug, 'remove', 'expiry'
+                    (occurred_at, user_id, segment_id, slug, operation, cause, kind)
+                SELECT e.expires_at, e.user_id, e.segment_id, s.slug, 'remove', 'expiry', 'member'
                 FROM ended e JOIN segments s ON s.id = e.segment_id
                 """,
                 ids,
@@ -776,40 +839,53 @@ class PgStore:
         user_id: int | None,
         formula_starts: Sequence[str],
         sink: Callable[[bytes], Awaitable[None]],
+        labels: tuple[str, str] = ("add", "remove"),
     ) -> None:
-        """Stream events in [start, end), ordered by time, as ``;``-separated CSV rows.
+        """Stream what readers saw in [start, end) as ``;``-separated CSV rows, in time
+        order.
 
-        PostgreSQL formats the CSV itself (COPY ... TO STDOUT) and asyncpg hands each
-        chunk to ``sink`` as it arrives, so memory stays flat however large the month
-        is, and the range on the partition key reads only that month's partition.
-        Measured on 1,000,000 rows (bench/report_history.py): a cursor with CSV
-        formatting in Python took 4.6 s, 10x the ceiling; COPY runs near the ceiling.
-        Segment cells starting with one of ``formula_starts`` get a leading apostrophe.
+        Derived from the stored facts and the segments' history (persistence/history.py)
+        in one snapshot: rule segments user batch by user batch into temporary tables,
+        then PostgreSQL merges, formats and orders the CSV (COPY ... TO STDOUT) and
+        asyncpg hands each chunk to ``sink`` as it arrives, so memory stays flat however
+        large the month is.  Measured on 1,000,000 rows (bench/report_history.py): a
+        cursor with CSV formatting in Python took 4.6 s, 10x the ceiling.  Segment cells
+        starting with one of ``formula_starts`` get a leading apostrophe; ``labels``
+        name the operations add and remove.
         """
-        user_filter = "" if user_id is None else " AND user_id = $4"
-        query = (
-            "SELECT user_id,"
-            " CASE WHEN left(slug, 1) = ANY($3::text[]) THEN '''' || slug ELSE slug END,"
-            " operation,"
-            " to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-            " FROM membership_history"
-            # user_filter is one of two constant strings; the id itself is $4.
-            f" WHERE occurred_at >= $1 AND occurred_at < $2{user_filter}"  # nosec B608
-            " ORDER BY occurred_at, id"
-        )
-        args: list[Any] = [start, end, list(formula_starts)]
-        if user_id is not None:
-            args.append(user_id)
-
-        async def write(chunk: bytes) -> None:  # asyncpg wants a coroutine function
-            await sink(chunk)
-
-        async with self.transaction(bulk=True, readonly=True) as conn:
-            await conn.copy_from_query(
-                query,
-                *args,
-                output=write,
-                format="csv",
-                delimiter=";",
-                timeout=BULK_TIMEOUT_S,
+        # Not read-only: the derived rows go through temporary tables.
+        async with self.transaction(bulk=True, isolation="repeatable_read") as conn:
+            # The final sort of a month (1.3 million rows in bench/report_history.py:
+            # about 110 MB) in memory; larger ones spill to disk.
+            await conn.execute(f"SET LOCAL work_mem = '{history.REPORT_WORK_MEM}'")
+            await history.write_csv(
+                conn,
+                start,
+                end,
+                user_id,
+                formula_starts,
+                labels,
+                sink,
+                copy_timeout_s=BULK_TIMEOUT_S,
             )
+
+    async def explain_inputs(self, user_id: int) -> ExplainInputs:
+        """What explaining a user's segments needs, from one snapshot."""
+        async with self.transaction(isolation="repeatable_read", readonly=True) as conn:
+            segments = await conn.fetch(
+                "SELECT id, slug, auto_bp FROM segments WHERE deleted_at IS NULL ORDER BY slug"
+            )
+            version = await conn.fetchval(
+                "SELECT version FROM user_versions WHERE user_id = $1", user_id
+            )
+            state = (await self._states(conn, [(user_id, version or 0)]))[0]
+            last = await history.last_transitions(conn, user_id)
+            now = await history.now_us(conn)
+        return ExplainInputs(
+            user_id=user_id,
+            segments=[(r["id"], r["slug"], r["auto_bp"]) for r in segments],
+            memberships={m.segment_id: m.expires_at for m in state.memberships},
+            excluded=state.excluded,
+            last={sid: (at / 1e6, add) for sid, (at, add) in last.items()},
+            now=now / 1e6,
+        )

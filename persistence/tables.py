@@ -96,12 +96,40 @@ membership_history = Table(
     # The slug at the time of the event: reports stay readable after deletion.
     Column("slug", Text, nullable=False),
     Column("operation", Text, nullable=False),
-    # Why it happened: api, expiry, segment_deleted, ...
+    # Why it happened: api, renew, expiry, segment_deleted, baseline, ...
     Column("cause", Text, nullable=False),
+    # Migration 0006: rows are explicit facts (service/domain/history.py): 'member' (a
+    # membership begins or is renewed: add; ends: remove) or 'exclusion' (from a rule:
+    # begins with a remove, ends with an add); NULL before the migration (rows of what
+    # readers saw of explicit changes).  expires_at: of a membership that begins or is
+    # renewed.
+    Column("kind", Text, nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("occurred_at", "id", name="membership_history_pkey"),
     CheckConstraint("operation IN ('add', 'remove')", name="membership_history_operation"),
+    CheckConstraint("kind IN ('member', 'exclusion')", name="membership_history_kind"),
     Index("membership_history_user", "user_id", "occurred_at"),
+    Index("membership_history_segment", "segment_id", "user_id", "occurred_at"),
     postgresql_partition_by="RANGE (occurred_at)",
+)
+
+# Migration 0006: each segment's life and percentage rule over time, written in the
+# same transaction as the change; 'baseline' rows are the migration's snapshot.
+segment_history = Table(
+    "segment_history",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("segment_id", BigInteger, ForeignKey("segments.id"), nullable=False),
+    Column("slug", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("operation", Text, nullable=False),
+    Column("old_bp", Integer, nullable=True),
+    Column("new_bp", Integer, nullable=True),
+    CheckConstraint(
+        "operation IN ('created', 'rule_changed', 'deleted', 'baseline')",
+        name="segment_history_operation",
+    ),
+    Index("segment_history_segment", "segment_id", "occurred_at"),
 )
 
 # -- merchant audiences (migration 0002) ---------------------------------------------

@@ -36,12 +36,14 @@ from service.observability import (
     DB_POOL_IN_USE,
     DB_POOL_IN_USE_PEAK,
     DB_POOL_SIZE,
+    DB_POOL_WAITING,
     PROMO_ERRORS,
     READS,
     SYNCS,
     CounterBridge,
     flush_request_metrics,
 )
+from service.pg_metrics import rebuild_progress
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ async def build(settings: Settings) -> Container:
         horizon_days=settings.sync_horizon_days,
     )
     segments.add_rebuild_phase(promos.rebuild_counters)
+    segments.rebuild_progress = rebuild_progress(store)
     reconciler = Reconciler(store, cache, segments, promos)
     # Everything built so far (modules, the app's objects) lives as long as the process:
     # keep it out of the cyclic collector's full passes.  Those passes rescanned it
@@ -184,6 +187,7 @@ def counter_bridge(container: Container) -> CounterBridge:
     def pool_gauges() -> None:
         DB_POOL_IN_USE.set(store.in_use)
         DB_POOL_IN_USE_PEAK.set(store.in_use_peak)
+        DB_POOL_WAITING.set(store.waiting)
         DB_POOL_SIZE.set(store.max_size)
 
     bridge.add_flush(pool_gauges)

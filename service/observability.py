@@ -3,7 +3,8 @@
 Metrics use prometheus-client.  With several API workers (``serve --workers N``) the
 supervisor points every worker at one PROMETHEUS_MULTIPROC_DIR and ``/metrics`` adds
 them up.  The domain keeps plain counters and knows nothing of Prometheus: a small
-task per process copies their increments here every second.
+task per process copies their increments here every second.  Each kind of process
+(API, consumer, reconciler) exposes only its own families (``FAMILIES``).
 """
 
 from __future__ import annotations
@@ -14,20 +15,33 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
+from importlib import metadata
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# No ``*_created`` series: in the text format each is one more series per counter and
+# histogram child, of no use to rate() and increase() (they see resets themselves).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REQUESTS = Counter(
     "segments_http_requests_total",
@@ -35,10 +49,12 @@ REQUESTS = Counter(
     ["method", "route", "status"],
 )
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# By status class (2xx, 4xx, 5xx), not the exact status: the counter above has that, and
+# a histogram child costs 16 series.
 LATENCY = Histogram(
     "segments_http_request_seconds",
-    "HTTP request latency by route and status",
-    ["method", "route", "status"],
+    "HTTP request latency by route and status class (2xx, 4xx, 5xx)",
+    ["method", "route", "status_class"],
     buckets=LATENCY_BUCKETS,
 )
 READS = Counter(
@@ -72,6 +88,11 @@ DB_POOL_IN_USE_PEAK = Gauge(
     "Most pooled PostgreSQL connections in use at once since the process started",
     multiprocess_mode="max",
 )
+DB_POOL_WAITING = Gauge(
+    "segments_db_pool_waiting",
+    "Callers waiting for a pooled PostgreSQL connection now",
+    multiprocess_mode="livesum",
+)
 DB_POOL_SIZE = Gauge(
     "segments_db_pool_max_size",
     "Size limit of each process's PostgreSQL pool",
@@ -85,19 +106,51 @@ KAFKA_LAG = Gauge(
     ["partition"],
     multiprocess_mode="max",
 )
+# Counted by the reconciler process that scanned (each scan adds what it found): a
+# counter per process, which Prometheus adds up across reconcilers and restarts.  The
+# totals since the copy was built stay in Redis's meta hash, for /readyz.
+DIVERGENCE_FOUND = Counter(
+    "segments_cache_divergence_found",
+    "Users the version scan found behind PostgreSQL in Redis",
+)
+DIVERGENCE_REPAIRED = Counter(
+    "segments_cache_divergence_repaired",
+    "Users the version scan repaired in Redis",
+)
+SYNC_COUNTS_REPAIRED = Counter(
+    "segments_sync_counts_repaired",
+    "Customers whose sync count the scan found behind in Redis and repaired",
+)
+# Set by the reconciler (service/pg_metrics.py).
+OUTBOX_ROWS = Gauge(
+    "segments_outbox_rows",
+    "Rows in an outbox (cache: users' Redis writes, counter: sync counts' Redis writes),"
+    " counted up to 1,000,000",
+    ["outbox"],
+    multiprocess_mode="mostrecent",
+)
+OUTBOX_AGE = Gauge(
+    "segments_outbox_oldest_age_seconds",
+    "Age of an outbox's oldest row (0 when empty)",
+    ["outbox"],
+    multiprocess_mode="mostrecent",
+)
+# A cache rebuild of this process: users written so far, and how many PostgreSQL knows
+# when it starts (an upper bound: users with nothing to show are not written).
+REBUILD_WRITTEN = Gauge(
+    "segments_cache_rebuild_users_written",
+    "Users written to Redis by this process's current (or last) cache rebuild",
+    multiprocess_mode="mostrecent",
+)
+REBUILD_EXPECTED = Gauge(
+    "segments_cache_rebuild_users_expected",
+    "Users PostgreSQL knows when this process's current (or last) rebuild started"
+    " (exact below 1,000,000, PostgreSQL's estimate above)",
+    multiprocess_mode="mostrecent",
+)
 # The cache's gauges describe shared state (Redis's meta hash), which every process
 # reads and sets at its own times: with several workers the freshest value is the
 # true one ("mostrecent"), where min or max across workers could keep a stale one.
-DIVERGENCE_FOUND = Gauge(
-    "segments_cache_divergence_found",
-    "Users found behind PostgreSQL in Redis, since the copy was built",
-    multiprocess_mode="mostrecent",
-)
-DIVERGENCE_REPAIRED = Gauge(
-    "segments_cache_divergence_repaired",
-    "Users repaired in Redis by the reconciler, since the copy was built",
-    multiprocess_mode="mostrecent",
-)
 SYNC_AGE = Gauge(
     "segments_cache_synchronized_age_seconds",
     "Seconds since the reconciler last confirmed Redis agrees with PostgreSQL",
@@ -110,25 +163,103 @@ CACHE_COMPLETE = Gauge(
 )
 
 
+def _build_labels() -> dict[str, str]:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "version": version("user-segments"),
+        "python": platform.python_version(),
+        "aiohttp": version("aiohttp"),
+        "asyncpg": version("asyncpg"),
+        "redis": version("redis"),
+    }
+
+
+_BUILD = _build_labels()
+BUILD_INFO = Gauge(
+    "segments_build_info",
+    "1, labelled with the service's version and those of Python and its main libraries",
+    list(_BUILD),
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(**_BUILD).set(1)
+
+# What each kind of process exposes: its own families only (the API has no Kafka
+# consumer, the consumer serves no HTTP), plus the process, platform and GC collectors.
+API, CONSUMER, RECONCILER = "api", "consumer", "reconciler"
+_EVERY_PROCESS: tuple[MetricWrapperBase, ...] = (
+    BUILD_INFO,
+    DB_POOL_IN_USE,
+    DB_POOL_IN_USE_PEAK,
+    DB_POOL_WAITING,
+    DB_POOL_SIZE,
+    DB_ACQUIRE_TIMEOUTS,
+)
+# Promo syncs and CP calls happen in the API, and in the reconciler (its undo work).
+_PROMOS = (CP_CALLS, CP_SECONDS, SYNCS, PROMO_ERRORS)
+_CACHE = (CACHE_COMPLETE, SYNC_AGE, REBUILD_WRITTEN, REBUILD_EXPECTED)
+FAMILIES: dict[str, tuple[MetricWrapperBase, ...]] = {
+    API: (*_EVERY_PROCESS, REQUESTS, LATENCY, READS, *_PROMOS, *_CACHE),
+    CONSUMER: (*_EVERY_PROCESS, KAFKA_APPLIED, KAFKA_DLQ, KAFKA_LAG),
+    RECONCILER: (
+        *_EVERY_PROCESS,
+        *_PROMOS,
+        *_CACHE,
+        DIVERGENCE_FOUND,
+        DIVERGENCE_REPAIRED,
+        SYNC_COUNTS_REPAIRED,
+        OUTBOX_ROWS,
+        OUTBOX_AGE,
+    ),
+}
+_registries: dict[str, CollectorRegistry] = {}
+
+
+def registry(process: str) -> CollectorRegistry:
+    """The registry a process of this kind exposes (``API``, ``CONSUMER``, ``RECONCILER``).
+
+    Every family is also in prometheus-client's default registry, which nothing serves.
+    """
+    found = _registries.get(process)
+    if found is None:
+        found = _registries[process] = CollectorRegistry()
+        for collector in (*FAMILIES[process], PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            found.register(collector)
+    return found
+
+
+class _Only(Collector):
+    """The families of another collector whose names are in ``names``."""
+
+    def __init__(self, collector: Collector, names: set[str]) -> None:
+        self._collector = collector
+        self._names = names
+
+    def collect(self) -> list[Metric]:
+        return [m for m in self._collector.collect() if m.name in self._names]
+
+
 def set_cache_gauges(complete: bool, freshness: Mapping[str, float] | None, now: float) -> None:
     """The cache's gauges from its meta hash (``RedisCache.freshness``; None when it
-    could not be read, which leaves those gauges as they were)."""
+    could not be read, which leaves the age as it was)."""
     CACHE_COMPLETE.set(1 if complete else 0)
-    if freshness is None:
-        return
-    if "synchronized_on" in freshness:
+    if freshness is not None and "synchronized_on" in freshness:
         SYNC_AGE.set(now - freshness["synchronized_on"])
-    DIVERGENCE_FOUND.set(freshness.get("divergence_found", 0))
-    DIVERGENCE_REPAIRED.set(freshness.get("divergence_repaired", 0))
 
 
-def metrics_text() -> tuple[bytes, str]:
-    """The exposition of this process, or of all workers in multiprocess mode."""
+def metrics_text(process: str = API) -> tuple[bytes, str]:
+    """The exposition of this process, or of all workers in multiprocess mode (then
+    only the process kind's families: a worker's files hold whatever it created)."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        workers = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+        shown = CollectorRegistry()
+        shown.register(_Only(workers, {m._name for m in FAMILIES[process]}))
+        return generate_latest(shown), CONTENT_TYPE_LATEST
+    return generate_latest(registry(process)), CONTENT_TYPE_LATEST
 
 
 # The upper bounds of LATENCY's buckets as prometheus-client keeps them (+Inf last).
@@ -174,8 +305,10 @@ class RequestMetrics:
                 continue
             children = self._children.get(status)
             if children is None:
-                labels = (self.method, self.route, str(status))
-                children = REQUESTS.labels(*labels), LATENCY.labels(*labels)
+                children = (
+                    REQUESTS.labels(self.method, self.route, str(status)),
+                    LATENCY.labels(self.method, self.route, status_class(status)),
+                )
                 self._children[status] = children
             counter, latency = children
             counter.inc(pending[0])
@@ -188,6 +321,11 @@ class RequestMetrics:
                 if n:
                     latency._buckets[i].inc(n)
             pending[:] = [0.0] * len(pending)
+
+
+def status_class(status: int) -> str:
+    """``2xx`` for 200..299, and so on."""
+    return f"{status // 100}xx"
 
 
 def flush_request_metrics() -> None:

@@ -17,11 +17,18 @@ from collections.abc import Awaitable, Callable
 
 from service.bootstrap import Container
 from service.domain.errors import CacheUnavailable, StorageUnavailable
-from service.observability import set_cache_gauges
+from service.observability import (
+    DIVERGENCE_FOUND,
+    DIVERGENCE_REPAIRED,
+    SYNC_COUNTS_REPAIRED,
+    set_cache_gauges,
+)
+from service.pg_metrics import set_outbox_gauges
 
 log = logging.getLogger(__name__)
 
 PARTITION_CHECK_S = 3600.0
+OUTBOX_GAUGES_S = 10.0
 
 
 class _Every:
@@ -55,9 +62,12 @@ async def run(container: Container, stop: asyncio.Event) -> None:
     async def scan() -> None:
         if await container.cache.is_complete():
             repaired = await container.promos.scan_counts()
+            SYNC_COUNTS_REPAIRED.inc(repaired)
             if repaired:
                 log.info("scan: %d customers' sync counts repaired in Redis", repaired)
             result = await reconciler.scan()
+            DIVERGENCE_FOUND.inc(result.found)
+            DIVERGENCE_REPAIRED.inc(result.repaired)
             log.info(
                 "scan: %d users, %d behind, %d repaired",
                 result.users,
@@ -77,6 +87,7 @@ async def run(container: Container, stop: asyncio.Event) -> None:
         _Every(settings.scan_interval_s, scan),
         _Every(settings.sync_undo_interval_s, reconciler.promo_round),
         _Every(0, gauges),
+        _Every(OUTBOX_GAUGES_S, lambda: set_outbox_gauges(container.store)),
     ]
     while not stop.is_set():
         for step in steps:

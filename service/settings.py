@@ -115,6 +115,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 0
     # Log lines as JSON (true), text (false), or JSON unless stderr is a terminal.
     log_json: str = "auto"
+    # API access log: `all`, `errors` (answers with status >= 400) or `sample:R` (errors
+    # and that share of the rest).  Requests slower than access_log_slow_ms are always
+    # logged.  Not `all` by default: a line costs ~20 µs of CPU, a large share of a read's.
+    access_log: str = "errors"
+    access_log_slow_ms: float = 500.0
 
     # Local data for `segments dev` (embedded servers).
     data_dir: str = "var"
@@ -195,6 +200,9 @@ DOCS: dict[str, str] = {
     "probe_timeout_s": "each check of `/readyz` is cut off after this long (counts as failed)",
     "metrics_port": "Prometheus port of `consume` and `reconcile` (0: none)",
     "log_json": "`true` JSON lines, `false` text, `auto` JSON unless a terminal",
+    "access_log": "API access log: `all`, `errors` (status >= 400) or `sample:R` (errors and "
+    "that share of the rest, e.g. `sample:0.01`)",
+    "access_log_slow_ms": "requests slower than this are always in the access log",
     "data_dir": "where `make run` keeps the embedded servers' data",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
 }

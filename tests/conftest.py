@@ -101,7 +101,9 @@ async def clean(container: Container, db: asyncpg.Connection) -> Container:
     await db.execute(f"TRUNCATE {TABLES} CASCADE")
     # A fault test may have restarted Valkey: start from fresh connections, not ones
     # the old server closed (each would fail once).
-    await container.cache._r.connection_pool.disconnect()
+    pool = getattr(container.cache._r, "connection_pool", None)  # a cluster has one per node
+    if pool is not None:
+        await pool.disconnect()
     await container.cache._r.flushall()
     # A rebuild returns False when one that a previous test's reads started still holds
     # the lease, or when a Redis call failed for a moment (a timeout on a loaded

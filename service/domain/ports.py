@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+from service.domain.history import ExplainInputs
 from service.domain.model import (
     AppliedChange,
     CachedUser,
@@ -25,9 +26,15 @@ class HistorySource(Protocol):
         user_id: int | None,
         formula_starts: Sequence[str],
         sink: Callable[[bytes], Awaitable[None]],
+        labels: tuple[str, str] = ("add", "remove"),
     ) -> None:
-        """Write events in [start, end) ordered by time to ``sink`` as CSV rows
-        ``user_id;segment;operation;timestamp``, neutralising formula cells."""
+        """Write every change a reader saw in [start, end) to ``sink`` as CSV rows
+        ``user_id;segment;operation;timestamp`` in time order, neutralising formula
+        cells; ``labels`` name the operations add and remove."""
+        ...
+
+    async def explain_inputs(self, user_id: int) -> ExplainInputs:
+        """The user's segments, stored state and last visible changes, in one snapshot."""
         ...
 
 

@@ -1,8 +1,10 @@
-"""History reports: periods, signed links and CSV rows.
+"""History reports: periods, signed links and CSV rows; explanations of a user's segments.
 
-A report link carries its own query (period, optional user) and expiry, signed with
-HMAC-SHA256; the server reads nothing but the database, so no input can make it open
-a file, and a link cannot be guessed, altered or used after it expires.
+A report link carries its own query (period, optional user) and expiry, encrypted and
+authenticated with keys derived from the report secret: the link is the credential
+(it opens without a token), it cannot be guessed, altered or used after it expires,
+and it shows nothing of its query (no user id in the URL).  The server reads nothing
+but the database, so no input can make it open a file.
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ import datetime as dt
 import hashlib
 import hmac
 import re
+import secrets
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
-import orjson
-
+from service.domain import history
 from service.domain.errors import DomainError, InvalidRequest
 from service.domain.ports import HistorySource
-from service.domain.rules import is_valid_user_id
+from service.domain.rules import USER_ID_MAX, USER_ID_MIN, is_valid_user_id
 
 _PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 CSV_HEADER = ("user_id", "segment", "operation", "timestamp")
 # A cell starting with one of these is a formula to a spreadsheet (OWASP CSV
 # injection); such cells get a leading apostrophe.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# The operations' names by language (``?lang=ru`` on a link).
+LABELS = {"en": ("add", "remove"), "ru": ("добавление", "удаление")}
 
 
 class LinkInvalid(DomainError):
@@ -61,26 +66,70 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+# A link token: version, nonce, the encrypted claims (year, month, user id or 0, expiry
+# in Unix seconds), and a tag over all of it; base64url, 70 characters.
+_VERSION = 1
+_CLAIMS = struct.Struct(">HBQQ")
+_NONCE = 16
+_TAG = 16
+_TOKEN_BYTES = 1 + _NONCE + _CLAIMS.size + _TAG
+
+
+def _key(secret: bytes, purpose: bytes) -> bytes:
+    return hmac.new(secret, b"segments report link: " + purpose, hashlib.sha256).digest()
+
+
+def _keystream(key: bytes, nonce: bytes, size: int) -> bytes:
+    """HMAC-SHA256 in counter mode (a PRF as a stream cipher); a fresh random nonce
+    per link, so no two links share a keystream."""
+    out = b""
+    counter = 0
+    while len(out) < size:
+        out += hmac.new(key, nonce + counter.to_bytes(4, "big"), hashlib.sha256).digest()
+        counter += 1
+    return out[:size]
+
+
+def _xor(data: bytes, stream: bytes) -> bytes:
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+
 def sign_link(secret: bytes, period: str, user_id: int | None, expires_at: float) -> str:
-    payload = _b64(orjson.dumps({"p": period, "u": user_id, "e": int(expires_at)}))
-    mac = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
-    return f"{payload}.{_b64(mac)}"
+    """A link token for ``period`` (``YYYY-MM``) and ``user_id`` until ``expires_at``:
+    encrypt-then-MAC, so it is opaque (nothing of the query is readable) and any change
+    to it is detected."""
+    year, month = int(period[:4]), int(period[5:7])
+    claims = _CLAIMS.pack(year, month, user_id or 0, int(expires_at))
+    nonce = secrets.token_bytes(_NONCE)
+    sealed = _xor(claims, _keystream(_key(secret, b"enc"), nonce, len(claims)))
+    body = bytes([_VERSION]) + nonce + sealed
+    tag = hmac.new(_key(secret, b"mac"), body, hashlib.sha256).digest()[:_TAG]
+    return _b64(body + tag)
 
 
 def verify_link(secret: bytes, token: str, now: float) -> tuple[str, int | None]:
     """Return (period, user_id) of a valid link; raise LinkInvalid or LinkExpired."""
-    payload, _, mac = token.partition(".")
     try:
-        expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(_unb64(mac), expected):
-            raise ValueError("bad signature")
-        claims = orjson.loads(_unb64(payload))
-        period, user_id, expires = claims["p"], claims["u"], claims["e"]
-    except (ValueError, KeyError, TypeError):
+        raw = _unb64(token)
+    except ValueError:
         raise LinkInvalid("this report link is not valid") from None
+    # Canonical form only: the last character's spare bits must not make an altered
+    # string decode to the same token.
+    if len(raw) != _TOKEN_BYTES or raw[0] != _VERSION or _b64(raw) != token:
+        raise LinkInvalid("this report link is not valid")
+    body, tag = raw[:-_TAG], raw[-_TAG:]
+    expected = hmac.new(_key(secret, b"mac"), body, hashlib.sha256).digest()[:_TAG]
+    if not hmac.compare_digest(tag, expected):
+        raise LinkInvalid("this report link is not valid")
+    nonce, sealed = body[1 : 1 + _NONCE], body[1 + _NONCE :]
+    year, month, user_id, expires = _CLAIMS.unpack(
+        _xor(sealed, _keystream(_key(secret, b"enc"), nonce, len(sealed)))
+    )
+    if not (1 <= month <= 12 and (user_id == 0 or USER_ID_MIN <= user_id <= USER_ID_MAX)):
+        raise LinkInvalid("this report link is not valid")
     if now >= expires:
         raise LinkExpired("this report link has expired; ask for a new one")
-    return period, user_id
+    return f"{year:04d}-{month:02d}", user_id or None
 
 
 class HistoryReports:
@@ -119,6 +168,15 @@ class HistoryReports:
         end: dt.datetime,
         user_id: int | None,
         sink: Callable[[bytes], Awaitable[None]],
+        lang: str = "en",
     ) -> None:
+        """The header, then every change a reader saw in [start, end), in time order."""
         await sink((";".join(CSV_HEADER) + "\n").encode())
-        await self._store.history_csv(start, end, user_id, FORMULA_STARTS, sink)
+        await self._store.history_csv(start, end, user_id, FORMULA_STARTS, sink, LABELS[lang])
+
+    async def explain(self, user_id: int) -> list[history.Explanation]:
+        """Why a user is (or is not) in each live segment that includes them or has an
+        override for them."""
+        if not is_valid_user_id(user_id):
+            raise InvalidRequest("user_id must be an integer in 1..2^63-1", {"user_id": user_id})
+        return history.explain(await self._store.explain_inputs(user_id))

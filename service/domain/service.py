@@ -76,6 +76,8 @@ class SegmentService:
         # Counters for readiness and metrics.
         self.reads_from_cache = 0
         self.reads_from_store = 0
+        # For metrics: awaited with 0 when a rebuild starts, then with the users written.
+        self.rebuild_progress: Callable[[int], Awaitable[None]] | None = None
 
     # -- segments -------------------------------------------------------------
 
@@ -326,6 +328,8 @@ class SegmentService:
             started = time.monotonic()
             await self._cache.write_registry(await self._store.registry())
             users = 0
+            if self.rebuild_progress is not None:
+                await self.rebuild_progress(0)
             next_progress = started + 5
             # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
             writing: asyncio.Task[None] | None = None
@@ -337,6 +341,8 @@ class SegmentService:
                     return False
                 writing = asyncio.create_task(self._cache.write_users(batch))
                 users += len(batch)
+                if self.rebuild_progress is not None:
+                    await self.rebuild_progress(users)
                 if time.monotonic() >= next_progress:
                     elapsed = time.monotonic() - started
                     log.info("cache rebuild: %d users so far (%.0f/s)", users, users / elapsed)

@@ -20,7 +20,14 @@ from service.domain.reports import HistoryReports
 from service.domain.service import SegmentService
 from service.http.audience_handlers import AudienceHandlers
 from service.http.handlers import Handlers
-from service.http.middleware import Auth, RateLimit, observe, observing, parse_tokens
+from service.http.middleware import (
+    Auth,
+    RateLimit,
+    observe,
+    observing,
+    parse_access_log,
+    parse_tokens,
+)
 from service.http.openapi import build_openapi
 from service.http.serving import FRONT_DOOR, HOT_ROUTE, FrontDoor
 from service.observability import (
@@ -86,6 +93,14 @@ class Probes:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Ready = this process answers reads correctly: from a complete Redis copy, or
+        from PostgreSQL while the copy is incomplete or Redis is away.  A load balancer
+        (a Kubernetes readiness probe) keeps it in rotation then, with ``degraded`` and
+        the reasons in the body: taking every pod out because a shared store is away
+        would turn answerable reads into connection errors.  PostgreSQL away with a
+        complete copy is ``degraded`` too: reads are answered from Redis, writes get
+        503 ``storage_unavailable`` with Retry-After.  503 only when neither store can
+        answer (PostgreSQL away and the copy incomplete or unreachable)."""
         # Every check is bounded, so the probe answers within its own timeout whatever
         # the stores do; and it only looks: a rebuild is started by reads of an
         # incomplete copy and by the reconciler, never by a probe.
@@ -93,13 +108,19 @@ class Probes:
             self._bounded(self._store_ping()), self._bounded(self._cache_ping())
         )
         complete = cache_ok and bool(await self._bounded(self._svc.cache_complete()))
-        if store_ok and complete:
+        reasons = []
+        if not store_ok:
+            reasons.append("storage_unavailable")  # writes refused; reads need the copy
+        if not cache_ok:
+            reasons.append("cache_unavailable")  # reads from PostgreSQL
+        elif not complete:
+            reasons.append("rebuilding")  # reads from PostgreSQL until the copy is whole
+        if not reasons:
             status, code = "ready", 200
-        elif store_ok:
-            # Reads are answered (from PostgreSQL) while the cache is rebuilt.
-            status, code = ("rebuilding" if cache_ok else "cache_unavailable"), 503
+        elif store_ok or complete:
+            status, code = "degraded", 200
         else:
-            status, code = "storage_unavailable", 503
+            status, code = "unavailable", 503
         checks: dict[str, object] = {
             "postgres": store_ok,
             "redis": cache_ok,
@@ -115,7 +136,8 @@ class Probes:
                     checks["synchronized_age_s"] = round(time.time() - fresh["synchronized_on"], 1)
                 checks["divergence_found"] = int(fresh.get("divergence_found", 0))
                 checks["divergence_repaired"] = int(fresh.get("divergence_repaired", 0))
-        return web.json_response({"status": status, "checks": checks}, status=code)
+        body = {"status": status, "reasons": reasons, "checks": checks}
+        return web.json_response(body, status=code)
 
 
 def create_app(
@@ -136,10 +158,12 @@ def create_app(
     if settings.rate_limit_per_s > 0:
         burst = settings.rate_limit_burst or 2 * settings.rate_limit_per_s
         layers.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
-    app = web.Application(middlewares=[observe, *layers], client_max_size=limit * 2)
+    access = parse_access_log(settings.access_log, settings.access_log_slow_ms)
+    app = web.Application(middlewares=[observe(access), *layers], client_max_size=limit * 2)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     hot_metrics = RequestMetrics("GET", HOT_ROUTE)
-    app[FRONT_DOOR] = FrontDoor([observing(lambda _: hot_metrics), *layers], h.user_segments)
+    front = observing(lambda _: hot_metrics, access)
+    app[FRONT_DOOR] = FrontDoor([front, *layers], h.user_segments)
     a = AudienceHandlers(audiences, promos, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
     openapi = orjson.dumps(build_openapi())
@@ -169,6 +193,7 @@ def create_app(
             web.post("/v1/users/segments:batch", h.batch_user_segments),
             web.post("/v1/users/{user_id}/segments", h.update_user_segments),
             web.get(HOT_ROUTE, h.get_user_segments),
+            web.get(HOT_ROUTE + ":explain", h.explain_user_segments),
             web.put(customers, a.replace),
             web.patch(customers, a.patch),
             web.get("/v1/merchants/{merchant_id}/segments/{segment_type}", a.get),

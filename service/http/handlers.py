@@ -11,8 +11,9 @@ import orjson
 from aiohttp import web
 
 from service.domain.errors import InvalidRequest
+from service.domain.history import Explanation
 from service.domain.model import Segment
-from service.domain.reports import HistoryReports
+from service.domain.reports import LABELS, HistoryReports
 from service.domain.rules import USER_ID_MAX, USER_ID_MIN
 from service.domain.service import AddRequest, SegmentService
 from service.http import schemas
@@ -44,6 +45,21 @@ def segment_body(segment: Segment) -> dict[str, Any]:
         "auto_percent": segment.auto_percent,
         "created_at": _iso(segment.created_at),
     }
+
+
+def _iso_epoch(value: float) -> str:
+    return _iso(dt.datetime.fromtimestamp(value, dt.UTC))
+
+
+def explanation_body(e: Explanation) -> dict[str, Any]:
+    body: dict[str, Any] = {"slug": e.slug, "included": e.included, "source": e.source}
+    if e.expires_at is not None:
+        body["expires_at"] = _iso_epoch(e.expires_at)
+    if e.auto_bp is not None:
+        body["rule"] = {"auto_percent": e.auto_bp / 100, "bucket": e.bucket}
+    if e.since is not None:
+        body["since"] = _iso_epoch(e.since)
+    return body
 
 
 async def decode(request: web.Request, kind: type[T], max_bytes: int) -> T:
@@ -199,9 +215,18 @@ class Handlers:
             {"url": f"{base}/v1/reports/history/{token}", "expires_at": _iso(expires)}, status=201
         )
 
+    async def explain_user_segments(self, request: web.Request) -> web.Response:
+        user_id = user_id_from(request)
+        explained = await self._reports.explain(user_id)
+        return _json({"user_id": user_id, "segments": [explanation_body(e) for e in explained]})
+
     async def download_report(self, request: web.Request) -> web.StreamResponse:
-        # Validate the link before the first byte: errors are still JSON.
+        # Validate the link before the first byte: errors are still JSON.  The link is
+        # the credential: no Authorization header is needed (middleware.required_scope).
         start, end, user_id, period = self._reports.open_link(request.match_info["token"])
+        lang = request.query.get("lang", "en")
+        if lang not in LABELS:
+            raise InvalidRequest(f"lang must be one of {sorted(LABELS)}", {"lang": lang})
         suffix = "" if user_id is None else f"-user-{user_id}"
         response = web.StreamResponse(
             headers={
@@ -211,6 +236,6 @@ class Handlers:
             }
         )
         await response.prepare(request)
-        await self._reports.write_csv(start, end, user_id, response.write)
+        await self._reports.write_csv(start, end, user_id, response.write, lang)
         await response.write_eof()
         return response

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from random import random
 from time import perf_counter
 
 import msgspec
@@ -73,9 +74,43 @@ def _route_metrics(request: web.Request) -> RequestMetrics:
     return metrics
 
 
-def observing(metrics_of: Callable[[web.Request], RequestMetrics]) -> Middleware:
+@dataclass(frozen=True)
+class AccessLog:
+    """Which requests get an access-log line (``SEGMENTS_ACCESS_LOG``,
+    ``SEGMENTS_ACCESS_LOG_SLOW_MS``): every error answer (status >= 400) and every
+    request slower than ``slow_s``, and of the others the share ``sample`` (1: all)."""
+
+    sample: float = 1.0
+    slow_s: float = 0.5
+
+
+LOG_ALL = AccessLog()
+
+
+def parse_access_log(mode: str, slow_ms: float) -> AccessLog:
+    """``all``, ``errors`` or ``sample:R`` (0 < R <= 1); raises ``ValueError``."""
+    if not slow_ms > 0:
+        raise ValueError("SEGMENTS_ACCESS_LOG_SLOW_MS must be greater than 0")
+    if mode == "all":
+        return AccessLog(1.0, slow_ms / 1000)
+    if mode == "errors":
+        return AccessLog(0.0, slow_ms / 1000)
+    if mode.startswith("sample:"):
+        try:
+            share = float(mode.removeprefix("sample:"))
+        except ValueError:
+            share = math.nan
+        if 0 < share <= 1:
+            return AccessLog(share, slow_ms / 1000)
+    raise ValueError(f"SEGMENTS_ACCESS_LOG must be all, errors or sample:R (0 < R <= 1): {mode!r}")
+
+
+def observing(
+    metrics_of: Callable[[web.Request], RequestMetrics], access: AccessLog = LOG_ALL
+) -> Middleware:
     """The one layer every request goes through: errors as JSON (``errors.error_for``),
-    the request id (taken from X-Request-Id or made), one access-log line, metrics.
+    the request id (taken from X-Request-Id or made), an access-log line as ``access``
+    says, metrics.
 
     ``metrics_of`` finds the request's route metrics: from aiohttp's match info in the
     app (``observe``), fixed for the front door's one route (service/http/serving.py).
@@ -87,7 +122,14 @@ def observing(metrics_of: Callable[[web.Request], RequestMetrics]) -> Middleware
     middleware at all: 13.0 us before, 6.7 us after (16,263 -> 18,146 req/s; none:
     20,759).  In-process (``app._handle`` on a mocked GET): 9.3-9.6 us -> 7.3-7.6 us,
     no middleware 4.5 us; merging alone gave 8.5-8.9 us.
+
+    An access-log line costs 21-22 us of CPU in-process (formatting and writing 300
+    bytes of JSON; more under load, into a pipe), several times this layer's own cost;
+    a 20 s load test wrote 12 MB of them.  Hence ``errors`` by default
+    (``SEGMENTS_ACCESS_LOG``): a successful, fast request costs a few comparisons here,
+    and is counted in the metrics.
     """
+    log_all, share, slow_s = access.sample >= 1, access.sample, access.slow_s
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -110,13 +152,19 @@ def observing(metrics_of: Callable[[web.Request], RequestMetrics]) -> Middleware
             elapsed = perf_counter() - started
             metrics = metrics_of(request)
             metrics.record(status, elapsed)
-            if log.isEnabledFor(logging.INFO):
+            logged = log_all or status >= 400 or elapsed >= slow_s
+            if not logged and share:
+                # A sample of the rest; random() is fine for that (not for secrets).
+                logged = random() < share  # nosec B311
+            if logged and log.isEnabledFor(logging.INFO):
                 _access_log(request, metrics.route, request_id, status, elapsed)
 
     return observe
 
 
-observe = observing(_route_metrics)
+def observe(access: AccessLog) -> Middleware:
+    """The app's layer (``observing`` with the route from aiohttp's match info)."""
+    return observing(_route_metrics, access)
 
 
 def _access_log(
@@ -172,6 +220,10 @@ def required_scope(request: web.Request) -> str | None:
     if path.startswith("/internal/"):
         return "internal"
     if path.startswith("/v1/reports/"):
+        # A report link opens on its own: its token is the credential (encrypted,
+        # authenticated, expiring).  Asking for one needs the scope.
+        if method in ("GET", "HEAD") and path.startswith("/v1/reports/history/"):
+            return None
         return "reports"
     if (path.endswith("/sync") and method == "POST") or path.startswith("/v1/promos/"):
         # What MPS does: sync, read and cancel promos.

@@ -24,6 +24,8 @@ class Operation:
     # Media type of a response that is not JSON.
     media: str | None = None
     description: str | None = None
+    # Optional query parameters: (name, parameter object without "name" and "in").
+    query: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 _SYNC = (
@@ -38,6 +40,26 @@ _SYNC = (
     " attempt is undone; the promo's state becomes failed). 409 sync_in_progress: another"
     " call for this promo is running; retry after Retry-After. 503 outcome_unknown:"
     " PostgreSQL failed while completing; read GET /v1/promos/{promo_id} or retry."
+)
+
+
+_REPORT = (
+    "Opens without an Authorization header: the token is the credential (encrypted and"
+    " authenticated, it expires after SEGMENTS_REPORT_LINK_TTL_S). One row per change of"
+    " what GET /v1/users/{user_id}/segments returned: explicit changes, expiries, segment"
+    " deletions and percentage-rule changes, at the time they took effect; for each user"
+    " and segment the rows alternate add and remove. A report of one user (any id, seen"
+    " or not); a month-wide report lists every user the service has stored anything for."
+    " Rows are ordered by time (then user, then segment). 403 invalid_link: altered; 410"
+    " link_expired."
+)
+
+_EXPLAIN = (
+    "For each live segment that includes the user or has an override for them: included"
+    " or not, and why: source explicit (a membership, with its expires_at), rule (the"
+    " percentage rule: the user's bucket is below auto_percent x 100), explicit+rule,"
+    " or excluded (an explicit removal wins over the rule); since: when what a reader"
+    " sees last changed, from history. Read from PostgreSQL."
 )
 
 
@@ -63,6 +85,9 @@ OPERATIONS = [
               schemas.UserSegmentsUpdate, schemas.UserSegments, 200, (*_BODY, 404, 503), "users"),
     Operation("get", "/v1/users/{user_id}/segments", "A user's active segments, sorted",
               None, schemas.UserSegments, 200, (422, 503), "users"),
+    Operation("get", "/v1/users/{user_id}/segments:explain",
+              "Why a user is or is not in each segment that includes them or has an override",
+              None, schemas.UserExplanation, 200, (422, 503), "users", description=_EXPLAIN),
     Operation("put", _CUSTOMERS, "Replace a merchant audience (one JSON body, up to 1,000,000 ids)",
               schemas.CustomersReplace, schemas.AudienceOut, 200, (*_BODY, 503), "audiences"),
     Operation("patch", _CUSTOMERS, "Add and remove customers of a merchant audience",
@@ -85,7 +110,9 @@ OPERATIONS = [
               schemas.ReportRequest, schemas.ReportLink, 201, _BODY, "reports"),
     Operation("get", "/v1/reports/history/{token}",
               "The CSV behind a report link: user_id;segment;operation;timestamp",
-              None, None, 200, (403, 410), "reports", "text/csv"),
+              None, None, 200, (403, 410, 422), "reports", "text/csv", description=_REPORT,
+              query=(("lang", {"required": False, "description": "operation names",
+                               "schema": {"type": "string", "enum": ["en", "ru"]}}),)),
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
     Operation("get", "/metrics", "Prometheus metrics (text exposition format)",
               None, None, 200, (), "operations", "text/plain"),
@@ -153,6 +180,7 @@ def build_openapi() -> dict[str, Any]:
             for name, spec in _PARAMS.items()
             if "{" + name + "}" in op.path
         ]
+        params += [{"name": name, "in": "query", **spec} for name, spec in op.query]
         if params:
             entry["parameters"] = params
         if op.request is not None:

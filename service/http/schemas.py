@@ -77,6 +77,29 @@ class UserSegments(Struct):
     segments: list[str]
 
 
+class RuleOut(Struct):
+    auto_percent: float
+    # The user's bucket: the rule includes them when bucket < auto_percent x 100.
+    bucket: Annotated[int, Meta(ge=0, le=9999)]
+
+
+class SegmentExplanation(Struct, omit_defaults=True):
+    slug: str
+    included: bool
+    source: Literal["explicit", "rule", "explicit+rule", "excluded"]
+    # The explicit membership's expiry, when it has one.
+    expires_at: dt.datetime | msgspec.UnsetType = msgspec.UNSET
+    # The segment's percentage rule, when it has one, and the user's bucket.
+    rule: RuleOut | msgspec.UnsetType = msgspec.UNSET
+    # When what a reader sees last changed (from history).
+    since: dt.datetime | msgspec.UnsetType = msgspec.UNSET
+
+
+class UserExplanation(Struct):
+    user_id: int
+    segments: list[SegmentExplanation]
+
+
 class ReportRequest(Struct, forbid_unknown_fields=True):
     period: Annotated[str, Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$", examples=["2026-11"])]
     user_id: UserId | None = None

@@ -132,7 +132,7 @@ async def test_probes(http: aiohttp.ClientSession) -> None:
     async with http.get("/readyz") as r:
         body = await r.json()
         assert r.status == 200, body
-        assert body["status"] == "ready"
+        assert body["status"] == "ready" and body["reasons"] == []
         assert {k: body["checks"][k] for k in ("postgres", "redis", "cache_complete")} == {
             "postgres": True,
             "redis": True,

@@ -100,8 +100,19 @@ async def test_explicit_remove_wins_over_rule_and_add_back(
     assert await segments_of(http, 6) == ["ALL"]
     status, body = await update(http, 5, ["ALL"])
     assert body["segments"] == ["ALL"]
-    ops = await db.fetch("SELECT operation FROM membership_history WHERE user_id = 5 ORDER BY id")
-    assert [r["operation"] for r in ops] == ["remove", "add"]
+    # The facts: an exclusion begins; a membership begins and the exclusion ends.
+    facts = await db.fetch(
+        "SELECT kind, operation FROM membership_history WHERE user_id = 5 ORDER BY id"
+    )
+    assert [tuple(r) for r in facts] == [
+        ("exclusion", "remove"),
+        ("member", "add"),
+        ("exclusion", "add"),
+    ]
+    # What user 5 saw: the rule from the segment's creation, the removal, the add.
+    period = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    status, text = await report(http, period=period, user_id=5)
+    assert [line.split(";")[2] for line in text.splitlines()[1:]] == ["add", "remove", "add"]
 
 
 async def test_patch_raises_share_monotonically_and_delete_removes_for_all(
@@ -151,9 +162,10 @@ async def test_report_has_adds_removes_and_expiry_in_time_order(
     lines = text.splitlines()
     assert lines[0] == "user_id;segment;operation;timestamp"
     rows = [line.split(";") for line in lines[1:]]
+    # Ordered by time, then user, then slug (one change adds both of user 1000's).
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("1000", "VOICE_MESSAGES", "add"),
         ("1000", "DISCOUNT_30", "add"),
+        ("1000", "VOICE_MESSAGES", "add"),
         ("1002", "VOICE_MESSAGES", "add"),
         ("1002", "VOICE_MESSAGES", "remove"),
         ("1000", "DISCOUNT_30", "remove"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -121,14 +122,17 @@ async def test_rate_limit(clean: Container) -> None:
 
 
 async def test_request_id_and_json_access_log(
-    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+    clean: Container, caplog: pytest.LogCaptureFixture
 ) -> None:
+    server = await _server(clean, access_log="all")
     with caplog.at_level(logging.INFO, logger="segments.access"):
-        async with http.get("/v1/users/42/segments", headers={"X-Request-Id": "req-123"}) as r:
-            assert r.headers["X-Request-Id"] == "req-123"
-        async with http.get("/v1/users/42/segments") as r:
-            generated = r.headers["X-Request-Id"]
-            assert len(generated) >= 16 and generated != "req-123"
+        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
+            async with http.get("/v1/users/42/segments", headers={"X-Request-Id": "req-123"}) as r:
+                assert r.headers["X-Request-Id"] == "req-123"
+            async with http.get("/v1/users/42/segments") as r:
+                generated = r.headers["X-Request-Id"]
+                assert len(generated) >= 16 and generated != "req-123"
+    await server.close()
     records = [rec for rec in caplog.records if rec.name == "segments.access"]
     line = json.loads(JsonFormatter().format(records[0]))
     assert line["request_id"] == "req-123"
@@ -136,6 +140,58 @@ async def test_request_id_and_json_access_log(
     assert line["status"] == 200 and line["level"] == "info"
     assert "duration_ms" in line
     assert records[1].request_id == generated  # type: ignore[attr-defined]
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int]]:
+    return [
+        (rec.path, rec.status)  # type: ignore[attr-defined]
+        for rec in caplog.records
+        if rec.name == "segments.access"
+    ]
+
+
+async def test_access_log_by_default_only_errors(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SEGMENTS_ACCESS_LOG=errors (the default): answers with status >= 400 only, on the
+    front door's hot read and in the app alike."""
+    with caplog.at_level(logging.INFO, logger="segments.access"):
+        for path in ("/v1/users/42/segments", "/v1/segments", "/no/such", "/v1/users/0/segments"):
+            async with http.get(path) as r:
+                await r.read()
+        async with http.post("/v1/segments", data="{") as r:
+            assert r.status == 415
+    assert _access_lines(caplog) == [
+        ("/no/such", 404),
+        ("/v1/users/0/segments", 422),
+        ("/v1/segments", 415),
+    ]
+
+
+async def test_access_log_slow_requests_and_samples(
+    clean: Container, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every request is slower than 1 µs: all are logged, whatever the mode.
+    slow = await _server(clean, access_log_slow_ms=0.001)
+    sampled = await _server(clean, access_log="sample:0.5")
+    with caplog.at_level(logging.INFO, logger="segments.access"):
+        async with aiohttp.ClientSession(base_url=str(slow.make_url(""))) as http:
+            for path in ("/v1/users/1/segments", "/v1/segments"):
+                async with http.get(path) as r:
+                    assert r.status == 200
+        assert _access_lines(caplog) == [("/v1/users/1/segments", 200), ("/v1/segments", 200)]
+        caplog.clear()
+        async with aiohttp.ClientSession(base_url=str(sampled.make_url(""))) as http:
+            for user in range(1, 201):
+                async with http.get(f"/v1/users/{user}/segments") as r:
+                    assert r.status == 200
+            async with http.get("/v1/segments/-") as r:
+                assert r.status == 404
+    await slow.close()
+    await sampled.close()
+    lines = _access_lines(caplog)
+    assert ("/v1/segments/-", 404) in lines  # errors are always logged
+    assert 60 <= len(lines) - 1 <= 140  # about half of the 200 reads
 
 
 async def test_metrics_exposition(http: aiohttp.ClientSession) -> None:
@@ -150,6 +206,15 @@ async def test_metrics_exposition(http: aiohttp.ClientSession) -> None:
     )
     assert "segments_http_request_seconds_bucket" in text
     assert "segments_cache_complete 1.0" in text
+    # The latency by status class, the count by exact status; the API's own families
+    # only (no Kafka consumer here); no _created series; the build's labels.
+    assert (
+        'segments_http_request_seconds_count{method="GET",route="/v1/users/{user_id}/segments",'
+        'status_class="2xx"}' in text
+    )
+    assert "segments_kafka" not in text
+    assert "_created" not in text
+    assert 'segments_build_info{aiohttp="' in text
 
 
 async def test_unknown_methods_share_one_metric_label(http: aiohttp.ClientSession) -> None:
@@ -215,5 +280,44 @@ def test_workers_report_their_metrics_together(clean: Container, tmp_path: Path)
             time.sleep(0.3)
         pids = {labels.get("pid") for labels, _ in metrics["segments_cache_complete"]}
         assert metrics["segments_cache_complete"] == [({}, 1.0)], pids
+        # Only the API's families, though each worker made all of them (some with a
+        # value at import); one build_info for both workers.
+        assert not [name for name in metrics if name.startswith("segments_kafka")]
+        assert not [name for name in metrics if name.startswith("segments_cache_divergence")]
+        assert [value for _, value in metrics["segments_build_info"]] == [1.0]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+async def test_rebuild_progress_gauges(http: aiohttp.ClientSession, clean: Container) -> None:
+    """A rebuild reports the users it wrote and how many PostgreSQL knew when it began
+    (an upper bound: a user whose memberships are all gone is not written)."""
+    from service.observability import API, registry
+
+    async with http.post("/v1/segments", json={"slug": "GAUGED"}) as r:
+        assert r.status == 201
+    for user in (1, 2, 3):
+        async with http.post(f"/v1/users/{user}/segments", json={"add": ["GAUGED"]}) as r:
+            assert r.status == 200
+    async with http.post("/v1/users/3/segments", json={"remove": ["GAUGED"]}) as r:
+        assert r.status == 200
+    await clean.cache.invalidate()
+    assert await clean.segments.rebuild_cache()
+    metrics = registry(API)
+    assert metrics.get_sample_value("segments_cache_rebuild_users_written") == 2
+    assert metrics.get_sample_value("segments_cache_rebuild_users_expected") == 3
+
+
+async def test_pool_counts_callers_waiting_for_a_connection(clean: Container) -> None:
+    from persistence.store import PgStore
+
+    store = await PgStore.connect(clean.settings.database_url, min_size=1, max_size=1)
+    try:
+        async with store.connection():
+            waiter = asyncio.create_task(store.ping())
+            await asyncio.sleep(0.2)
+            assert (store.in_use, store.waiting) == (1, 1)
+        assert await waiter
+        assert (store.in_use, store.waiting) == (0, 0)
+    finally:
+        await store.close()

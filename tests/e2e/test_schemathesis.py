@@ -199,6 +199,7 @@ SUCCESS_STEPS: list[tuple[str, str, dict[str, Any], Any, int]] = [
         200,
     ),
     ("get", "/v1/users/{user_id}/segments", {"user_id": 1000}, None, 200),
+    ("get", "/v1/users/{user_id}/segments:explain", {"user_id": 1000}, None, 200),
     ("post", "/v1/users/segments:batch", {}, {"user_ids": [1000, 1001]}, 200),
     ("post", "/v1/reports/history", {}, {"period": _this_month(), "user_id": 1000}, 201),
     ("get", "/v1/reports/history/{token}", {"token": "{token}"}, None, 200),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from prometheus_client.metrics import MetricWrapperBase
+
 from service import observability
 from service.settings import DOCS, Settings, markdown_table
 
@@ -22,13 +24,24 @@ def test_configuration_table_is_current() -> None:
     assert table.group(1) == markdown_table(), "run: python -m service.settings"
 
 
+def _families() -> list[MetricWrapperBase]:
+    return [
+        m
+        for m in vars(observability).values()
+        if isinstance(m, MetricWrapperBase) and m._name.startswith("segments_")
+    ]
+
+
 def test_every_metric_is_documented() -> None:
     text = (ROOT / "docs" / "operations.md").read_text()
-    names = [
-        m._name
-        for m in vars(observability).values()
-        if hasattr(m, "_name") and str(getattr(m, "_name", "")).startswith("segments_")
-    ]
-    assert names
-    for name in names:
-        assert name in text, name
+    families = _families()
+    assert families
+    for family in families:
+        # As exposed: counters with _total.
+        name = family._name + ("_total" if family._type == "counter" else "")
+        assert f"`{name}" in text, name
+
+
+def test_every_metric_is_exposed_by_some_process() -> None:
+    exposed = {m for families in observability.FAMILIES.values() for m in families}
+    assert set(_families()) == exposed

@@ -12,6 +12,7 @@ from service.observability import (
     REQUESTS,
     RequestMetrics,
     flush_request_metrics,
+    status_class,
 )
 
 # On, just under and just over bucket bounds, and past the last one.
@@ -19,12 +20,14 @@ SECONDS = [0.0, 0.0005, 0.00051, 0.001, 0.0042, 0.01, 0.3, 1.0, 5.0, 7.5, 0.0001
 
 
 def samples(route: str) -> dict[tuple[str, str, str], float]:
-    """Every sample of the two request metrics for ``GET route``, by (name, status, le)."""
+    """Every sample of the two request metrics for ``GET route``, by (name, status or
+    status class, le)."""
     out = {}
     for metric in REGISTRY.collect():
         for s in metric.samples:
             if s.labels.get("route") == route and s.name.startswith("segments_http_request"):
-                out[(s.name, s.labels["status"], s.labels.get("le", ""))] = s.value
+                status = s.labels.get("status") or s.labels["status_class"]
+                out[(s.name, status, s.labels.get("le", ""))] = s.value
     return out
 
 
@@ -34,7 +37,7 @@ def test_flushed_metrics_equal_per_request_prometheus_calls() -> None:
         status = 404 if i % 5 == 0 else 200
         recorded.record(status, seconds)
         REQUESTS.labels("GET", "/t/direct", str(status)).inc()
-        LATENCY.labels("GET", "/t/direct", str(status)).observe(seconds)
+        LATENCY.labels("GET", "/t/direct", status_class(status)).observe(seconds)
     # Nothing before a flush.
     assert samples("/t/recorded") == {}
     flush_request_metrics()
@@ -42,9 +45,28 @@ def test_flushed_metrics_equal_per_request_prometheus_calls() -> None:
     got, want = samples("/t/recorded"), samples("/t/direct")
     assert got.keys() == want.keys()
     for key, value in want.items():
-        if key[0].endswith("_created"):
-            continue
         assert got[key] == pytest.approx(value), key
-    assert got[("segments_http_request_seconds_bucket", "200", "+Inf")] == 9
-    assert got[("segments_http_request_seconds_bucket", "404", "+Inf")] == 3
+    # The counter by exact status, the histogram by status class; no _created series.
+    assert got[("segments_http_requests_total", "200", "")] == 9
+    assert got[("segments_http_requests_total", "404", "")] == 3
+    assert got[("segments_http_request_seconds_bucket", "2xx", "+Inf")] == 9
+    assert got[("segments_http_request_seconds_bucket", "4xx", "+Inf")] == 3
     assert len([k for k in got if k[0].endswith("_bucket")]) == 2 * (len(LATENCY_BUCKETS) + 1)
+    assert not [k for k in got if k[0].endswith("_created")]
+
+
+def test_statuses_of_one_class_share_a_latency_child() -> None:
+    recorded = RequestMetrics("POST", "/t/classes")
+    for status in (200, 201, 204, 503, 500):
+        recorded.record(status, 0.003)
+    flush_request_metrics()
+    got = samples("/t/classes")
+    assert got[("segments_http_request_seconds_count", "2xx", "")] == 3
+    assert got[("segments_http_request_seconds_count", "5xx", "")] == 2
+    assert {k[1] for k in got if k[0] == "segments_http_requests_total"} == {
+        "200",
+        "201",
+        "204",
+        "500",
+        "503",
+    }
