@@ -44,6 +44,12 @@ FROM pg_class c WHERE c.oid = 'user_versions'::regclass
 """
 
 
+async def count_users(store: PgStore) -> int:
+    """Users PostgreSQL knows (estimated above a million rows)."""
+    async with store.connection() as conn:
+        return int(await conn.fetchval(_USERS))
+
+
 async def set_outbox_gauges(store: PgStore) -> None:
     async with store.connection() as conn:
         rows = await conn.fetch(_OUTBOXES, OUTBOX_COUNT_CAP)
@@ -64,8 +70,8 @@ def rebuild_progress(
         if users:
             return
         try:
-            async with asyncio.timeout(count_timeout_s), store.connection() as conn:
-                total = await conn.fetchval(_USERS)
+            async with asyncio.timeout(count_timeout_s):
+                total = await count_users(store)
         except (StorageUnavailable, TimeoutError) as exc:
             log.info("cache rebuild: users not counted (%s)", exc or "timed out")
             return

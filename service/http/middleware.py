@@ -214,7 +214,11 @@ def parse_tokens(raw: str) -> dict[str, Caller]:
 
 def required_scope(request: web.Request) -> str | None:
     """The scope a route needs; None for the open ones."""
-    path, method = request.path, request.method
+    return scope_for(request.path, request.method)
+
+
+def scope_for(path: str, method: str) -> str | None:
+    """The scope ``method path`` needs (the OpenAPI document's ``security`` too)."""
     if path.startswith(OPEN_PATHS):
         return None
     if path.startswith("/internal/"):

@@ -9,6 +9,7 @@ import msgspec
 
 from service.domain.rules import SLUG_PATTERN, USER_ID_MAX, USER_ID_MIN
 from service.http import schemas
+from service.http.middleware import scope_for
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,38 @@ _EXPLAIN = (
 )
 
 
+# Names for generated clients (Swagger's "Try it out" shows them too).
+OPERATION_IDS = {
+    ("post", "/v1/segments"): "createSegment",
+    ("get", "/v1/segments"): "listSegments",
+    ("get", "/v1/segments/{slug}"): "getSegment",
+    ("patch", "/v1/segments/{slug}"): "updateSegment",
+    ("delete", "/v1/segments/{slug}"): "deleteSegment",
+    ("post", "/v1/users/segments:batch"): "getSegmentsOfUsers",
+    ("post", "/v1/users/{user_id}/segments"): "updateUserSegments",
+    ("get", "/v1/users/{user_id}/segments"): "getUserSegments",
+    ("get", "/v1/users/{user_id}/segments:explain"): "explainUserSegments",
+    ("put", "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"): (
+        "replaceAudience"
+    ),
+    ("patch", "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"): (
+        "patchAudience"
+    ),
+    ("get", "/v1/merchants/{merchant_id}/segments/{segment_type}"): "getAudience",
+    ("post", "/v1/merchants/{merchant_id}/segments/{segment_type}/sync"): "syncPromo",
+    ("get", "/v1/promos/{promo_id}"): "getPromo",
+    ("delete", "/v1/promos/{promo_id}"): "cancelPromo",
+    ("get", "/v1/customers/{customer_id}/sync-count"): "getSyncCount",
+    ("post", "/v1/reports/history"): "createHistoryReport",
+    ("get", "/v1/reports/history/{token}"): "downloadHistoryReport",
+    ("get", "/healthz"): "getLiveness",
+    ("get", "/metrics"): "getMetrics",
+    ("get", "/readyz"): "getReadiness",
+}
+
+# Every operation behind a token can also be refused (401, 403) or throttled (429).
+_AUTH_ERRORS = (401, 403, 429)
+
 # A request body can always be malformed (400), too large (413) or of the wrong type (415).
 _BODY = (400, 413, 415, 422)
 _AUDIENCE = "/v1/merchants/{merchant_id}/segments/{segment_type}"
@@ -116,7 +149,7 @@ OPERATIONS = [
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
     Operation("get", "/metrics", "Prometheus metrics (text exposition format)",
               None, None, 200, (), "operations", "text/plain"),
-    Operation("get", "/readyz", "Readiness: stores reachable and cache complete",
+    Operation("get", "/readyz", "Readiness: 200 ready or degraded while reads can be answered, 503 when neither store can",
               None, schemas.Health, 200, (503,), "operations"),
 ]
 # fmt: on
@@ -164,15 +197,20 @@ def build_openapi() -> dict[str, Any]:
                 "description": "OK",
                 "content": {"application/json": {"schema": ref_of[op.response]}},
             }
-        for status in op.errors:
+        scope = scope_for(op.path, op.method.upper())
+        errors = sorted({*op.errors, *(_AUTH_ERRORS if scope else ())})
+        for status in errors:
             responses[str(status)] = {"description": "Error", "content": error_content}
+        description = op.description or ""
+        if scope:
+            description = f"Needs a token with the `{scope}` scope. {description}".strip()
         entry: dict[str, Any] = {
-            **({"description": op.description} if op.description else {}),
+            **({"description": description} if description else {}),
             "summary": op.summary,
             "tags": [op.tag],
-            "operationId": f"{op.method}_{op.path}".replace("/", "_")
-            .replace("{", "")
-            .replace("}", ""),
+            "operationId": OPERATION_IDS[(op.method, op.path)],
+            # An empty list: open, whatever the document's default says.
+            "security": [{"bearer": []}] if scope else [],
             "responses": responses,
         }
         params = [
@@ -198,5 +236,15 @@ def build_openapi() -> dict[str, Any]:
             'and promotion sync. Errors are {"error": {"code", "message", "details"}}.',
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token of SEGMENTS_AUTH_TOKENS (`make run` prints dev"
+                    " ones); each operation says the scope it needs.",
+                }
+            },
+        },
     }

@@ -321,3 +321,39 @@ async def test_pool_counts_callers_waiting_for_a_connection(clean: Container) ->
         assert (store.in_use, store.waiting) == (0, 0)
     finally:
         await store.close()
+
+
+_EXAMPLE_PARAMS = {
+    "slug": "A",
+    "user_id": "1",
+    "merchant_id": "1",
+    "segment_type": "X",
+    "promo_id": "P",
+    "customer_id": "1",
+    "token": "not-a-token",
+}
+
+
+async def test_the_openapi_security_is_what_the_server_enforces(
+    secured: aiohttp.ClientSession,
+) -> None:
+    """Swagger's Authorize button and generated clients trust `security`: every
+    operation that declares a bearer token answers 401 without one, and no other does."""
+    async with secured.get("/openapi.json") as r:
+        document = await r.json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    ids = []
+    for template, item in document["paths"].items():
+        path = template
+        for name, value in _EXAMPLE_PARAMS.items():
+            path = path.replace("{" + name + "}", value)
+        for method, op in item.items():
+            ids.append(op["operationId"])
+            assert op["operationId"][0].islower() and "_" not in op["operationId"]
+            async with secured.request(method.upper(), path) as r:
+                protected = bool(op["security"])
+                assert (r.status == 401) == protected, (method, template, r.status)
+            if protected:
+                assert {"401", "403", "429"} <= set(op["responses"]), (method, template)
+                assert "scope" in op["description"]
+    assert len(ids) == len(set(ids))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from service.bootstrap import Container
 from service.devstack import free_port
+from service.domain.service import AddRequest
 from tests.conftest import scrape
 
 
@@ -71,3 +73,29 @@ def test_reconciler_reports_sync_age_that_grows_between_scans(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_rebuild_command_reports_progress_with_total_and_eta(clean: Container) -> None:
+    for uid in range(1, 6):
+        await clean.segments.create_segment(f"R{uid}")
+        await clean.segments.update_user(uid, [AddRequest(f"R{uid}")], [])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_")}
+    env |= {
+        "SEGMENTS_DATABASE_URL": clean.settings.database_url,
+        "SEGMENTS_REDIS_URL": clean.settings.redis_url,
+        "SEGMENTS_LOG_JSON": "false",
+    }
+    # Our own interpreter and module, fixed arguments.
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service.cli", "rebuild"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rebuild: 5 users to write" in done.stderr
+    assert "rebuild: 5 of 5 users (100 %)" in done.stderr and "ETA 0 s" in done.stderr
+    assert await clean.segments.cache_complete()
+    assert await clean.segments.user_segments(3) == ["R3"]

@@ -113,3 +113,11 @@ def test_every_option_says_its_default(command: str, capsys: pytest.CaptureFixtu
             assert f"(default: {action.default})" in text, (command, action.option_strings)
         elif action.default is None:
             assert "default: SEGMENTS_" in " ".join(action.help.split()), action.option_strings
+
+
+def test_rebuild_progress_says_total_share_and_eta() -> None:
+    progress = cli._RebuildProgress(400_000)
+    assert progress.line(0, 0.0) == "rebuild: 400,000 users to write"
+    assert progress.line(100_000, 2.0) == (
+        "rebuild: 100,000 of 400,000 users (25 %), 50,000/s, ETA 6 s"
+    )
