@@ -266,7 +266,7 @@ class CpClient:
                 self.calls["retry"] += 1
                 log.info("CP %s attempt %d failed (%s); retrying", op, attempt - 1, last_error)
                 pause = self._backoff(attempt - 1)
-                if deadline is not None and pause >= _left(deadline):
+                if deadline is not None and pause >= _left(deadline) - MIN_ATTEMPT_S:
                     # Sleeping to the deadline would leave no time for the retry.
                     raise self._deadline_passed(op, attempt - 1, last_error)
                 await asyncio.sleep(pause)
@@ -275,7 +275,9 @@ class CpClient:
             timeout = self._timeout
             if deadline is not None:
                 left = _left(deadline)
-                if left <= 0:
+                if left < MIN_ATTEMPT_S:
+                    # An attempt this short could only time out, and its timeout would
+                    # hide the error that matters (the previous attempt's).
                     raise self._deadline_passed(op, attempt - 1, last_error)
                 if left < self.timeout_s:
                     timeout = aiohttp.ClientTimeout(total=left)
@@ -336,6 +338,10 @@ class CpClient:
             f"CP did not answer {op} before the sync deadline",
             {"op": op, "deadline": True, "attempts": attempts, "last_error": last_error},
         )
+
+
+# Less time than this left before the deadline: no new attempt starts.
+MIN_ATTEMPT_S = 0.02
 
 
 def _left(deadline: float) -> float:
