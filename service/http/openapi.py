@@ -149,7 +149,8 @@ OPERATIONS = [
     Operation("get", "/healthz", "Liveness", None, schemas.Health, 200, (), "operations"),
     Operation("get", "/metrics", "Prometheus metrics (text exposition format)",
               None, None, 200, (), "operations", "text/plain"),
-    Operation("get", "/readyz", "Readiness: 200 ready or degraded while reads can be answered, 503 when neither store can",
+    Operation("get", "/readyz",
+              "Readiness: 200 ready or degraded while reads can be answered, 503 if not",
               None, schemas.Health, 200, (503,), "operations"),
 ]
 # fmt: on
