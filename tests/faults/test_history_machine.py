@@ -97,6 +97,9 @@ class HistoryMachine(RuleBasedStateMachine):
         self.reads: list[Read] = []
         # Users the service has stored anything for (a row in user_versions).
         self.known: set[int] = set()
+        # When the last expiry written has passed: the checks at the end wait for it, so
+        # reports, reads and explanations made a moment apart see the same state.
+        self.settle_at = 0.0
 
     def run(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_wrap(coro), self.loop).result(timeout=90)
@@ -142,6 +145,8 @@ class HistoryMachine(RuleBasedStateMachine):
         after = time.time()
         self.known.add(uid)
         self.members[uid][slug] = None if ttl is None else (before + ttl, after + ttl)
+        if ttl is not None:
+            self.settle_at = max(self.settle_at, after + ttl)
         self.excluded[uid].discard(slug)
 
     @rule(uid=st.sampled_from(WRITTEN), slug=st.sampled_from(SLUGS))
@@ -236,6 +241,7 @@ class HistoryMachine(RuleBasedStateMachine):
             self.run(_quiesce(self.c))
 
     async def _check_history(self) -> None:
+        await asyncio.sleep(max(0.0, self.settle_at + 0.3 - time.time()))
         months = sorted(
             {dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m") for r in self.reads
              for t in (r.before, r.after)}
