@@ -277,7 +277,19 @@ def _unknown(exc: BaseException) -> OutcomeUnknown:
     )
 
 
-async def _commit(conn: Conn, tx: Any) -> None:
+@contextlib.asynccontextmanager
+async def _transaction_on(conn: Conn, **options: Any) -> AsyncIterator[None]:
+    """A transaction on ``conn``: rolled back if the body raises, and a failure while
+    committing is ``OutcomeUnknown`` (the commit may have happened)."""
+    tx = conn.transaction(**options)
+    await tx.start()
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                await tx.rollback()
+        raise
     try:
         await tx.commit()
     except _CONNECTION_ERRORS as exc:
@@ -396,21 +408,10 @@ class PgStore:
     async def transaction(self, *, bulk: bool = False, **options: Any) -> AsyncIterator[Conn]:
         """One transaction.  A failure while committing is ``OutcomeUnknown``: the
         commit may have happened.  ``bulk`` lifts the statement timeout for it."""
-        async with self.connection() as conn:
-            tx = conn.transaction(**options)
-            await tx.start()
-            try:
-                if bulk:
-                    await conn.execute(
-                        f"SET LOCAL statement_timeout = {int(BULK_TIMEOUT_S * 1000)}"
-                    )
-                yield conn
-            except BaseException:
-                if not conn.is_closed():
-                    with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
-                        await tx.rollback()
-                raise
-            await _commit(conn, tx)
+        async with self.connection() as conn, _transaction_on(conn, **options):
+            if bulk:
+                await conn.execute(f"SET LOCAL statement_timeout = {int(BULK_TIMEOUT_S * 1000)}")
+            yield conn
 
     async def ping(self) -> bool:
         try:
@@ -585,20 +586,12 @@ class PgStore:
                 applied = await self._try_change(conn, change, expiries, locked=False)
                 if applied is not None:
                     return applied
-            tx = conn.transaction()
-            await tx.start()
-            try:
+            async with _transaction_on(conn):
                 await conn.execute(_LOCK_USER, change.user_id)
                 applied = await self._try_change(conn, change, expiries, locked=True)
                 # Under both locks (the user's row; FOR SHARE on its segments) the
                 # compare cannot fail.
                 assert applied is not None
-            except BaseException:
-                if not conn.is_closed():
-                    with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
-                        await tx.rollback()
-                raise
-            await _commit(conn, tx)
             return applied
 
     async def _try_change(
