@@ -26,9 +26,9 @@ comparisons are exact.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, filterfalse, repeat
 from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
@@ -257,6 +257,17 @@ class RuleClasses:
     def any(self) -> bool:
         return any(self.rows)
 
+    def tables(self) -> dict[tuple[int, bool], bytes]:
+        """(at, add) of each row some class has -> which buckets have it: a table of
+        ``BUCKETS`` bytes, 1 for a bucket whose class has the row (for ``Members``)."""
+        bounds = [0, *self.thresholds, BUCKETS]
+        chosen: dict[tuple[int, bool], bytearray] = {}
+        for k, class_rows in enumerate(self.rows):
+            for row in class_rows:
+                table = chosen.setdefault(row, bytearray(BUCKETS))
+                table[bounds[k] : bounds[k + 1]] = b"\x01" * (bounds[k + 1] - bounds[k])
+        return {row: bytes(table) for row, table in chosen.items()}
+
 
 def rule_classes(timeline: Timeline, start: int, end: int, now: int) -> RuleClasses:
     """Transitions of users without explicit state in the segment, per bucket class."""
@@ -275,6 +286,41 @@ def buckets(segment_id: int, user_ids: Iterable[int]) -> list[int]:
     prefix = f"{segment_id}:"
     hashes = map(mmh3.hash, map(prefix.__add__, map(str, user_ids)), repeat(0), repeat(False))
     return list(map(BUCKETS.__rmod__, hashes))
+
+
+class Members:
+    """Which users of a segment have each of some rows by rule class: the buckets that
+    have a row are a table (``RuleClasses.tables``).  ``rules.bucket`` for many users at
+    once, the loops in C: users come as their ids in decimal ASCII (as PostgreSQL writes
+    a bigint), so the hash's key is a concatenation, and a user's tables are a byte (a
+    bit each), read back per table with ``bytes.translate``.  For 1,000,000 users and
+    two tables: 0.24-0.36 s, against 0.57-0.67 s with ``buckets`` and a pass per class
+    over integer ids."""
+
+    def __init__(self, segment_id: int, tables: Sequence[bytes]) -> None:
+        self._prefix = b"%d:" % segment_id
+        self._tables = list(tables)
+        # Up to 8 tables: bucket -> a bit per table that has it; each bit read back.
+        self._codes = b""
+        self._bits: list[bytes] = []
+        if len(tables) <= 8:
+            self._codes = bytes(
+                sum(table[b] << j for j, table in enumerate(tables)) for b in range(BUCKETS)
+            )
+            self._bits = [bytes((c >> j) & 1 for c in range(256)) for j in range(len(tables))]
+
+    def of(self, user_ids: Sequence[bytes], skip: Container[bytes]) -> list[list[bytes]]:
+        """For each table, the users of ``user_ids`` whose bucket it has, less ``skip``,
+        in the order given."""
+        hashes = map(mmh3.hash, map(self._prefix.__add__, user_ids), repeat(0), repeat(False))
+        user_buckets = map(BUCKETS.__rmod__, hashes)
+        if self._codes:
+            codes = bytes(map(self._codes.__getitem__, user_buckets))
+            chosen = [compress(user_ids, codes.translate(bits)) for bits in self._bits]
+        else:
+            listed = list(user_buckets)
+            chosen = [compress(user_ids, map(t.__getitem__, listed)) for t in self._tables]
+        return [list(filterfalse(skip.__contains__, users)) for users in chosen]
 
 
 @dataclass(frozen=True, slots=True)
