@@ -838,18 +838,20 @@ class PgStore:
         order.
 
         Derived from the stored facts and the segments' history (persistence/history.py)
-        in one snapshot: rule segments user batch by user batch into temporary tables,
-        then PostgreSQL merges, formats and orders the CSV (COPY ... TO STDOUT) and
-        asyncpg hands each chunk to ``sink`` as it arrives, so memory stays flat however
-        large the month is.  Measured on 1,000,000 rows (bench/report_history.py): a
-        cursor with CSV formatting in Python took 4.6 s, 10x the ceiling.  Segment cells
+        in one snapshot: rule segments are derived user batch by user batch (replayed
+        pairs to a temporary table, rule-class rows set aside in a spool), PostgreSQL
+        formats and orders everything else (COPY ... TO STDOUT) with a marker at each
+        rule change, and each chunk goes to ``sink`` as it arrives with the set-aside
+        rows written in place of the markers, so memory stays flat however large the
+        month is.  Measured on 1,000,000 rows (bench/report_history.py): a cursor with
+        CSV formatting in Python took 4.6 s, 10x the ceiling.  Segment cells
         starting with one of ``formula_starts`` get a leading apostrophe; ``labels``
         name the operations add and remove.
         """
         # Not read-only: the derived rows go through temporary tables.
         async with self.transaction(bulk=True, isolation="repeatable_read") as conn:
-            # The final sort of a month (1.3 million rows in bench/report_history.py:
-            # about 110 MB) in memory; larger ones spill to disk.
+            # The final sort of a month in memory (about 40 MB per parallel process in
+            # bench/report_history.py); larger ones spill to disk.
             await conn.execute(f"SET LOCAL work_mem = '{history.REPORT_WORK_MEM}'")
             await history.write_csv(
                 conn,
