@@ -1,4 +1,5 @@
-"""Contract test of ``service.client`` (the client MPS vendors) against the real API.
+"""Contract test of the promo sync part of the client package (clients/python,
+``user_segments_client``, the client MPS uses) against the real API.
 
 The retry tests and a few mapping tests use a tiny scripted aiohttp server instead: it
 answers exactly the statuses and headers a test needs, which the real service only gives
@@ -10,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,11 +25,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.bootstrap import Container, api_app
-from service.client import (
+from tests.conftest import ApiTestServer
+
+# The package from the source tree, as tests/e2e/test_client_package.py imports it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "clients" / "python"))
+
+from user_segments_client import (
     AudienceNotFound,
     CpUnavailable,
     Forbidden,
-    InvalidSyncRequest,
+    InvalidRequest,
+    NotFound,
     PromoCancelled,
     PromoConflict,
     PromoNotFound,
@@ -39,7 +48,6 @@ from service.client import (
     SyncResult,
     Unauthorized,
 )
-from tests.conftest import ApiTestServer
 
 BASE = "/internal/v1/merchants/{m}/segments/{t}/customers"
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -134,11 +142,11 @@ async def test_error_answers_map_to_typed_errors(
     assert (nf.value.status, nf.value.code) == (404, "audience_not_found")
     assert nf.value.details == {"audience": "3:NOPE"}
 
-    with pytest.raises(InvalidSyncRequest) as invalid:
+    with pytest.raises(InvalidRequest) as invalid:
         await client.sync_segments(3, "LOYAL", dt.date(2001, 1, 1), "MPS-2")
     assert (invalid.value.status, invalid.value.code) == (422, "validation_error")
     assert invalid.value.details["end_date"] == "2001-01-01"
-    with pytest.raises(InvalidSyncRequest) as too_far:
+    with pytest.raises(InvalidRequest) as too_far:
         await client.sync_segments(3, "LOYAL", TODAY + dt.timedelta(days=400), "MPS-2")
     assert (too_far.value.status, too_far.value.code) == (422, "validation_error")
 
@@ -412,7 +420,7 @@ async def test_cp_errors_and_other_answers_are_not_retried() -> None:
     for answer, cls in [
         (error(502, "cp_unavailable"), CpUnavailable),
         (error(409, "promo_conflict"), PromoConflict),
-        (error(404, "not_found"), SegmentsError),  # a route the service lacks: not a promo's
+        (error(404, "not_found"), NotFound),  # a route the service lacks: not a promo's
         (error(401, "unauthorized"), Unauthorized),
         (error(403, "forbidden"), Forbidden),
     ]:
