@@ -63,7 +63,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/bandit -q -r service cache persistence -c pyproject.toml
+	@# Dependencies point inward (domain <- adapters <- entry points): read with ast.
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_import_contract.py
+	$(BIN)/bandit -q -r service cache persistence devstack -c pyproject.toml
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.measure import cpu_delta, cpu_seconds, median
 from bench.stack import bench_stack
-from service.devstack import EmbeddedPostgres
+from devstack import EmbeddedPostgres
 from service.ingest.messages import snapshot
 
 TARGET = 150_000

@@ -22,7 +22,7 @@ import redis.asyncio as redis
 from cache import keys
 from cache.pipelined import PipelinedPool
 from cache.redis_cache import _READ
-from service.devstack import EmbeddedValkey, free_port
+from devstack import EmbeddedValkey, free_port
 
 CONCURRENCY = 64
 USERS = 1000

@@ -12,8 +12,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from devstack import EmbeddedStack
 from persistence.migrate import upgrade
-from service.devstack import EmbeddedStack
 
 
 @contextlib.contextmanager

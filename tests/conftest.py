@@ -22,10 +22,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack import EmbeddedStack, free_port
 from persistence.migrate import upgrade
 from service.bootstrap import Container, api_app, build
 from service.cp.emulator import create_emulator_app
-from service.devstack import EmbeddedStack, free_port
 from service.http.serving import ApiRunner
 from service.settings import Settings, load_settings
 

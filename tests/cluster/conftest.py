@@ -14,8 +14,8 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestServer
 
+from devstack import EmbeddedValkeyCluster
 from service.bootstrap import Container, api_app, build
-from service.devstack import EmbeddedValkeyCluster
 from service.settings import Settings
 from tests.conftest import ApiTestServer
 

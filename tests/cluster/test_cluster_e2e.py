@@ -9,8 +9,8 @@ import asyncio
 import aiohttp
 
 from cache import keys
+from devstack import EmbeddedValkeyCluster
 from service.bootstrap import Container
-from service.devstack import EmbeddedValkeyCluster
 from tests.e2e.test_audiences import *  # noqa: F403
 from tests.e2e.test_experiments_api import *  # noqa: F403
 from tests.e2e.test_experiments_api import create, segments_of, update, wait_until_complete

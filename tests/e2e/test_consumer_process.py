@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from devstack import EmbeddedStack, free_port
 from service.bootstrap import Container
-from service.devstack import EmbeddedStack, free_port
 from service.domain.audiences import AudienceKey, AudienceNotFound
 from service.domain.errors import StorageUnavailable
 from service.ingest.messages import AudienceMessage, encode

@@ -33,7 +33,7 @@ import psutil
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service.devstack import descendants, free_port
+from devstack import descendants, free_port
 from service.ingest.messages import AudienceMessage, encode
 from service.settings import Settings
 

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.devstack import free_port
+from devstack import free_port
 from service.observability import API, CONSUMER, FAMILIES, RECONCILER
 from service.settings import Settings
 

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from devstack import free_port
 from service.bootstrap import Container
-from service.devstack import free_port
 from service.domain.service import AddRequest
 from tests.conftest import scrape
 

@@ -25,8 +25,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from devstack import EmbeddedStack, free_port
 from service.bootstrap import Container
-from service.devstack import EmbeddedStack, free_port
 from service.settings import Settings
 from tests.conftest import serve_process
 

@@ -23,7 +23,7 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from service.devstack import (
+from devstack import (
     ChildState,
     CommandChild,
     EmbeddedBroker,

@@ -12,7 +12,7 @@ import redis.asyncio as redis
 from redis import exceptions as rexc
 
 from cache.pipelined import _FLUSH_AT, PipelinedConnection, PipelinedPool
-from service.devstack import EmbeddedValkey, free_port
+from devstack import EmbeddedValkey, free_port
 
 TIMEOUT_S = 0.3
 SLACK_S = 0.25

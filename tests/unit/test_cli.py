@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,13 @@ def test_rebuild_progress_says_total_share_and_eta() -> None:
     assert progress.line(100_000, 2.0) == (
         "rebuild: 100,000 of 400,000 users (25 %), 50,000/s, ETA 6 s"
     )
+
+
+def test_dev_without_the_dev_stack_says_what_is_missing(
+    no_settings: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The production image has no devstack package: a message and exit 2, no traceback.
+    no_settings.setitem(sys.modules, "devstack", None)
+    assert cli.main(["dev", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "devstack is missing" in err and "make run" in err
