@@ -1,7 +1,7 @@
 """The PostgreSQL schema, as SQLAlchemy Core tables.
 
 The migrations in ``migrations/`` create exactly these; the queries in
-``persistence/store.py`` run on asyncpg directly (see the note there).
+``persistence/store/`` run on asyncpg directly (see the note there).
 """
 
 from __future__ import annotations

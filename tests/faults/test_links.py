@@ -23,7 +23,7 @@ from service.domain.service import AddRequest
 from service.settings import Settings
 from tests.faults.proxy import FaultProxy
 
-# Short timeouts keep the stalls short; the server-side ones follow (store.py).
+# Short timeouts keep the stalls short; the server-side ones follow (persistence/store/pool.py).
 DB_TIMEOUT_S = 1.5
 REDIS_TIMEOUT_S = 0.25
 
