@@ -35,9 +35,9 @@ import aiohttp
 import asyncpg
 
 from bench.stack import bench_stack, server
+from devstack import free_port
 from persistence.store import PgStore
 from persistence.urls import asyncpg_url
-from service.devstack import free_port
 from service.domain.reports import FORMULA_STARTS
 
 SEGMENTS = 20  # plain segments, plus one rule segment
@@ -49,7 +49,11 @@ def previous_month(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     return start, this
 
 
-async def seed(url: str, facts: int, users: int, start: dt.datetime) -> dict[str, int]:
+async def seed(
+    url: str, facts: int, users: int, start: dt.datetime, *, add_users: bool = True
+) -> dict[str, int]:
+    """The month's facts over ``users`` known users; ``add_users=False`` when those users
+    are already in user_versions (bench/scale.py seeds them first)."""
     conn = await asyncpg.connect(url)
     before = start - dt.timedelta(days=1)
     ids = [
@@ -75,11 +79,12 @@ async def seed(url: str, facts: int, users: int, start: dt.datetime) -> dict[str
             (rollout, "ROLLOUT", start + 14 * day, "rule_changed", 1000, 3000),
         ],
     )
-    await conn.copy_records_to_table(
-        "user_versions",
-        records=((uid, uid) for uid in range(1, users + 1)),
-        columns=["user_id", "version"],
-    )
+    if add_users:
+        await conn.copy_records_to_table(
+            "user_versions",
+            records=((uid, uid) for uid in range(1, users + 1)),
+            columns=["user_id", "version"],
+        )
     # Facts: `pairs` (user, segment) pairs, each beginning, ending, beginning... in turn.
     pairs = max(1, facts * 2 // 5)
     span = 27 * 86_400

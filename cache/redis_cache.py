@@ -109,6 +109,15 @@ end
 return 1
 """
 
+# KEYS: user keys.  The version each holds (its 'v' score, negated), false for no key.
+_VERSIONS = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('ZSCORE', KEYS[i], 'v')
+end
+return out
+"""
+
 # KEYS: meta, registry.  ARGV: version, then id/entry pairs.
 _WRITE_REGISTRY = """
 local cur = redis.call('HGET', KEYS[1], 'registry')
@@ -304,6 +313,7 @@ class RedisCache:
         self._count_synced = client.register_script(_COUNT_SYNCED)
         self._write_counts = client.register_script(_WRITE_COUNTS)
         self._read_many = client.register_script(_READ_MANY)
+        self._versions = client.register_script(_VERSIONS)
 
     @classmethod
     def from_url(
@@ -655,6 +665,14 @@ class RedisCache:
 
     async def versions(self, user_ids: Sequence[int]) -> list[int | None]:
         """The version each user's key holds (None: no key)."""
+        if not self._cluster:
+            # One script call for the batch: a pipeline of one ZSCORE per user cost
+            # redis-py's packing and parsing per command, most of a full scan's time.
+            async with _guard(self._errors):
+                (raw,) = await self._script_calls(
+                    self._versions, [([keys.user(uid) for uid in user_ids], [])]
+                )
+            return [None if s is None else -int(float(s)) for s in raw]
         async with _guard(self._errors), self._r.pipeline(transaction=False) as pipe:
             for uid in user_ids:
                 pipe.zscore(keys.user(uid), "v")

@@ -18,9 +18,14 @@ from service.domain.errors import (
 )
 from service.domain.log_throttle import ThrottledWarning
 from service.domain.model import AddItem, Registry, Segment, UserState
+from service.domain.pacing import Pacer
 from service.domain.ports import Cache, Store
 
 log = logging.getLogger(__name__)
+
+# Pauses before a failed rebuild batch is written again (the pipelined connection
+# reconnects meanwhile); then one last try.
+_REBUILD_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,8 @@ class SegmentService:
         rebuild_batch: int = 5000,
         rebuild_lease_s: float = 30.0,
         cache_retry_after_s: float = 1.0,
+        rebuild_max_users_per_s: float = 0.0,
+        rebuild_delay_s: float = 0.0,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -52,6 +59,7 @@ class SegmentService:
         self._fallback = asyncio.Semaphore(fallback_concurrency)
         self._rebuild_batch = rebuild_batch
         self._rebuild_lease_s = rebuild_lease_s
+        self._rebuild_max_users_per_s = rebuild_max_users_per_s
         # A small circuit breaker: after Redis fails to answer, reads skip it until
         # this monotonic time, instead of each paying the timeout.
         self._cache_retry_after_s = cache_retry_after_s
@@ -65,6 +73,7 @@ class SegmentService:
         self._registry_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[bool] | None = None
         self._next_rebuild_at = 0.0
+        self._rebuild_delay_s = rebuild_delay_s
         self._release_task: asyncio.Task[None] | None = None
         # One line per write while Redis is down buried the logs: a line per 10 s.
         self._warn_write_failed = ThrottledWarning(
@@ -115,7 +124,7 @@ class SegmentService:
 
         Buckets are fixed per (segment, user), so raising the share only adds users.
         """
-        _check_segment_exists_by_name(slug)
+        _check_slug(slug)
         if description is not None:
             rules.check_text(description, "description")
         auto_bp = None if auto_percent is None else rules.percent_to_bp(auto_percent)
@@ -126,7 +135,7 @@ class SegmentService:
         return segment
 
     async def delete_segment(self, slug: str) -> Segment:
-        _check_segment_exists_by_name(slug)
+        _check_slug(slug)
         segment = await self._store.delete_segment(slug)
         await self._publish_registry()
         return segment
@@ -311,7 +320,24 @@ class SegmentService:
         if time.monotonic() < self._next_rebuild_at:
             return
         self._next_rebuild_at = time.monotonic() + 1.0
-        self._rebuild_task = asyncio.create_task(self.rebuild_cache())
+        self._rebuild_task = asyncio.create_task(self._rebuild_unless_taken())
+
+    async def _rebuild_unless_taken(self) -> bool:
+        """Rebuild after ``rebuild_delay_s``, unless the copy is complete by then or
+        another process holds the rebuild.
+
+        The delay leaves the rebuild to the reconciler, which takes it within its
+        round: a rebuild in this process would share its event loop with the reads it
+        answers from PostgreSQL meanwhile, and stall them.  Without a reconciler, this
+        process rebuilds after the delay."""
+        if self._rebuild_delay_s > 0:
+            await asyncio.sleep(self._rebuild_delay_s)
+            try:
+                if await self._cache.is_complete():
+                    return False
+            except CacheUnavailable:
+                return False
+        return await self.rebuild_cache()
 
     async def rebuild_cache(self) -> bool:
         """Copy PostgreSQL into Redis, then mark the cache complete.
@@ -333,13 +359,16 @@ class SegmentService:
             next_progress = started + 5
             # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
             writing: asyncio.Task[None] | None = None
+            pace = Pacer(self._rebuild_max_users_per_s)
+            pace.start()
             async for batch in self._store.user_states(self._rebuild_batch):
                 if writing is not None:
                     await writing
+                await pace(len(batch))
                 if not await self._cache.renew_rebuild(generation, self._rebuild_lease_s):
                     log.warning("cache rebuild lost its lease; another process continues")
                     return False
-                writing = asyncio.create_task(self._cache.write_users(batch))
+                writing = asyncio.create_task(self._write_rebuild_batch(batch))
                 users += len(batch)
                 if self.rebuild_progress is not None:
                     await self.rebuild_progress(users)
@@ -368,6 +397,20 @@ class SegmentService:
         )
         return done
 
+    async def _write_rebuild_batch(self, batch: Sequence[UserState]) -> None:
+        """One batch of a rebuild, tried again after a failure: one Redis reply slower
+        than the read timeout must not throw away a rebuild of millions of users (at
+        10 million it did, on a busy machine); the writes are versioned, so repeating
+        them is harmless.  Redis still failing after the retries ends the rebuild."""
+        for delay in _REBUILD_RETRY_DELAYS_S:
+            try:
+                await self._cache.write_users(batch)
+                return
+            except CacheUnavailable as exc:
+                log.warning("cache rebuild: a batch write failed (%s); again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+        await self._cache.write_users(batch)
+
     def _give_up_lease(self, generation: str | None) -> None:
         """A failed rebuild releases its lease, so the next one (the next read of the
         incomplete copy asks for it) starts within a second, not after the lease's 30 s.
@@ -394,7 +437,7 @@ class SegmentService:
             return False
 
 
-def _check_segment_exists_by_name(slug: str) -> None:
+def _check_slug(slug: str) -> None:
     """A string that is not a valid slug names no segment: answer without a query."""
     if not rules.is_valid_slug(slug):
         raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})

@@ -4,7 +4,12 @@ import asyncio
 
 import pytest
 
-from service.domain.errors import InvalidRequest, SegmentNotFound, StorageUnavailable
+from service.domain.errors import (
+    CacheUnavailable,
+    InvalidRequest,
+    SegmentNotFound,
+    StorageUnavailable,
+)
 from service.domain.service import AddRequest, SegmentService
 from tests.fakes import FakeCache, FakeStore
 
@@ -144,3 +149,43 @@ async def test_a_rebuild_interrupted_by_redis_releases_once_redis_is_back(svc) -
         await asyncio.sleep(0.05)
     assert cache.lease is None
     assert await service.rebuild_cache()
+
+
+async def test_a_rebuild_writes_a_failed_batch_again(svc, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, _store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    cache.flush()
+    monkeypatch.setattr("service.domain.service._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
+    real = cache.write_users
+    failures = 0
+
+    async def once_slow(states):  # type: ignore[no-untyped-def]
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise CacheUnavailable("Redis reply timed out; connection closed")
+        await real(states)
+
+    cache.write_users = once_slow
+    assert await service.rebuild_cache()  # one slow reply does not end the rebuild
+    assert failures == 1
+    assert cache.users[5].memberships
+
+
+async def test_a_rebuild_ends_when_redis_keeps_failing(svc, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    service, _store, cache = svc
+    await service.create_segment("A")
+    await service.update_user(5, [AddRequest("A")], [])
+    cache.flush()
+    monkeypatch.setattr("service.domain.service._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
+    calls = 0
+
+    async def down(states):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        raise CacheUnavailable("down")
+
+    cache.write_users = down
+    assert not await service.rebuild_cache()
+    assert calls == 3  # two retries, then the last try
