@@ -97,9 +97,9 @@ async def test_delete_racing_an_add_never_leaves_a_member(store: PgStore) -> Non
 async def test_concurrent_changes_of_one_user_apply_one_after_another(
     store: PgStore, db: asyncpg.Connection
 ) -> None:
-    """Most of these conflict on the user's version: they are read again, and after two
-    conflicts take the user's row lock.  Each applies to the state the previous one
-    left: versions are distinct, history replays (by time) into the stored state."""
+    """They take turns in the process (conflicts between processes: test_hot_user.py),
+    racing a segment change.  Each applies to the state the previous one left: versions
+    are distinct, history replays (by time) into the stored state."""
     slugs = ["A", "B", "C", "D"]
     for slug in slugs:
         await store.create_segment(slug, "", None)
