@@ -27,7 +27,7 @@ import orjson
 from bench.measure import cpu_seconds, median
 from bench.stack import bench_stack, server
 from bench.wrk import WrkResult, run_script
-from service.devstack import EmbeddedPostgres, free_port
+from devstack import EmbeddedPostgres, free_port
 from service.settings import Settings
 
 TARGET_RPS = 2_000

@@ -1,4 +1,4 @@
-"""Merchant audiences and Kafka positions in PostgreSQL (promo syncs: promos.py).
+"""Merchant audiences and Kafka positions in PostgreSQL (promo syncs: promos/).
 
 Bulk paths use COPY (asyncpg's binary ``copy_records_to_table``), never row-by-row
 inserts: a replace writes a new generation of member rows and switches the audience's
@@ -30,6 +30,7 @@ from service.domain.audiences import (
     AudienceKey,
     StaleSnapshot,
 )
+from service.domain.pacing import Pacer
 
 # Interpolated into SQL (hence the B608 exemptions): a constant, never input; values
 # always go as $n parameters.  Bandit also warns "no failed test" on some of those
@@ -58,10 +59,15 @@ def _info(row: asyncpg.Record) -> AudienceInfo:
     )
 
 
+# Rows per COPY of a replace's members when the copy is paced.
+PACED_COPY_ROWS = 50_000
+
+
 class PgAudienceStore:
-    def __init__(self, store: PgStore) -> None:
+    def __init__(self, store: PgStore, *, max_members_per_s: float = 0.0) -> None:
         # Shares the pool and error mapping of the main store.
         self._pg = store
+        self._max_members_per_s = max_members_per_s
 
     # -- applying changes -----------------------------------------------------
 
@@ -312,13 +318,21 @@ class PgAudienceStore:
         current = await self._lock(conn, key)
         generation = await conn.fetchval("SELECT nextval('audience_generation_seq')")
         # Bulk steps scale with the audience (2,000,000 ids: ~2 s each here), so they
-        # get their own timeout rather than the pool's per-statement one.
-        await conn.copy_records_to_table(
-            "audience_members",
-            records=((generation, cid) for cid in ids),
-            columns=["generation", "customer_id"],
-            timeout=BULK_TIMEOUT_S,
-        )
+        # get their own timeout rather than the pool's per-statement one.  Paced, the
+        # copy goes in slices with pauses (in the same transaction, so still atomic):
+        # unpaced it takes a core of PostgreSQL for seconds, beside the API's.
+        step = PACED_COPY_ROWS if self._max_members_per_s > 0 else max(1, len(ids))
+        pace = Pacer(self._max_members_per_s)
+        pace.start()
+        for start in range(0, len(ids), step):
+            await conn.copy_records_to_table(
+                "audience_members",
+                records=((generation, cid) for cid in ids[start : start + step]),
+                columns=["generation", "customer_id"],
+                timeout=BULK_TIMEOUT_S,
+            )
+            if start + step < len(ids):  # no wait after the last: the transaction holds locks
+                await pace(step)
         row = await conn.fetchrow(
             "UPDATE audiences SET generation = $3, version = version + 1, customers = $4,"
             " updated_at = now() WHERE merchant_id = $1 AND segment_type = $2"

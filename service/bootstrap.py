@@ -40,6 +40,7 @@ from service.observability import (
     PROMO_ERRORS,
     READS,
     SYNCS,
+    WRITE_CONFLICTS,
     CounterBridge,
     flush_request_metrics,
 )
@@ -95,6 +96,8 @@ async def build(settings: Settings) -> Container:
         max_items=settings.max_list_length,
         fallback_concurrency=settings.fallback_concurrency,
         rebuild_batch=settings.rebuild_batch,
+        rebuild_max_users_per_s=settings.rebuild_max_users_per_s,
+        rebuild_delay_s=settings.rebuild_delay_s,
         cache_retry_after_s=settings.cache_retry_after_s,
     )
     secret = settings.report_secret.encode()
@@ -104,7 +107,7 @@ async def build(settings: Settings) -> Container:
         )
         secret = secrets.token_bytes(32)
     reports = HistoryReports(store, secret, settings.report_link_ttl_s)
-    audience_store = PgAudienceStore(store)
+    audience_store = PgAudienceStore(store, max_members_per_s=settings.ingest_max_members_per_s)
     cp = CpClient(
         settings.cp_url or "http://127.0.0.1:9/",
         timeout_s=settings.cp_timeout_s,
@@ -124,7 +127,9 @@ async def build(settings: Settings) -> Container:
     )
     segments.add_rebuild_phase(promos.rebuild_counters)
     segments.rebuild_progress = rebuild_progress(store)
-    reconciler = Reconciler(store, cache, segments, promos)
+    reconciler = Reconciler(
+        store, cache, segments, promos, scan_max_users_per_s=settings.scan_max_users_per_s
+    )
     # Everything built so far (modules, the app's objects) lives as long as the process:
     # keep it out of the cyclic collector's full passes.  Those passes rescanned it
     # while a cache rebuild allocated millions of objects: a rebuild of 100,000 users
@@ -183,6 +188,14 @@ def counter_bridge(container: Container) -> CounterBridge:
         lambda name, n: DB_ACQUIRE_TIMEOUTS.inc(n),
     )
     store = container.store
+    bridge.add(
+        lambda: {
+            "conflict": store.change_conflicts,
+            "locked": store.locked_changes,
+            "turn_timeout": store.turn_timeouts,
+        },
+        lambda name, n: WRITE_CONFLICTS.labels(name).inc(n),
+    )
 
     def pool_gauges() -> None:
         DB_POOL_IN_USE.set(store.in_use)

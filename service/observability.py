@@ -78,6 +78,13 @@ DB_ACQUIRE_TIMEOUTS = Counter(
     "segments_db_pool_acquire_timeouts_total",
     "Requests answered 503 because no pooled PostgreSQL connection came free in time",
 )
+WRITE_CONFLICTS = Counter(
+    "segments_user_write_conflicts_total",
+    "User changes that found the user changed since their read (conflict: read again),"
+    " changes that then took the user's row lock (locked), and changes answered 503"
+    " because the same user's earlier changes in the process took too long (turn_timeout)",
+    ["kind"],
+)
 DB_POOL_IN_USE = Gauge(
     "segments_db_pool_in_use",
     "Pooled PostgreSQL connections in use now",
@@ -203,7 +210,7 @@ _EVERY_PROCESS: tuple[MetricWrapperBase, ...] = (
 _PROMOS = (CP_CALLS, CP_SECONDS, SYNCS, PROMO_ERRORS)
 _CACHE = (CACHE_COMPLETE, SYNC_AGE, REBUILD_WRITTEN, REBUILD_EXPECTED)
 FAMILIES: dict[str, tuple[MetricWrapperBase, ...]] = {
-    API: (*_EVERY_PROCESS, REQUESTS, LATENCY, READS, *_PROMOS, *_CACHE),
+    API: (*_EVERY_PROCESS, REQUESTS, LATENCY, READS, WRITE_CONFLICTS, *_PROMOS, *_CACHE),
     CONSUMER: (*_EVERY_PROCESS, KAFKA_APPLIED, KAFKA_DLQ, KAFKA_LAG),
     RECONCILER: (
         *_EVERY_PROCESS,

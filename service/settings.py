@@ -50,6 +50,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fallback_concurrency: int = 16
     # Size of the user batches written to Redis while rebuilding the cache.
     rebuild_batch: int = 10000
+    # Pacing of the rebuild (users/s, 0: unpaced).  Unpaced by default: reads come from
+    # PostgreSQL until it completes, so a slower rebuild is a longer degraded window.
+    rebuild_max_users_per_s: float = 0.0
+    # An API process that finds the cache incomplete leaves the rebuild to the
+    # reconciler this long before starting one itself.
+    rebuild_delay_s: float = 2.0
 
     # History reports.  Every API process must share the secret: links are signed with
     # it.  Empty: a random per-process secret (fine for one process; `segments dev`
@@ -66,6 +72,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 1.0
     sweep_batch: int = 1000
     scan_interval_s: float = 300.0
+    # Pacing of that scan (users/s, 0: unpaced): its Redis pipelines queue reads.
+    scan_max_users_per_s: float = 50_000.0
     sync_undo_interval_s: float = 5.0
     # After Redis fails to answer, reads go straight to PostgreSQL for this long
     # before trying Redis again (so a paused Redis does not cost every request a
@@ -81,6 +89,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     kafka_max_batch: int = 500
     # A multi-part snapshot whose parts stop arriving is dropped after this long.
     snapshot_part_ttl_s: float = 600.0
+    # Pacing of a replace's copy into PostgreSQL (members/s, 0: unpaced).
+    ingest_max_members_per_s: float = 300_000.0
 
     # Promo sync to CP.
     cp_url: str = ""
@@ -170,12 +180,16 @@ DOCS: dict[str, str] = {
     "redis-py's cluster client, without the pipelined connection)",
     "fallback_concurrency": "reads answered from PostgreSQL at once while the cache is incomplete",
     "rebuild_batch": "users per batch when rebuilding the cache",
+    "rebuild_max_users_per_s": "pace of a cache rebuild, users/s (0: unpaced)",
+    "rebuild_delay_s": "an API process finding the cache incomplete leaves the rebuild to the "
+    "reconciler this long, then starts it itself",
     # "report_secret": set below.
     "report_link_ttl_s": "how long a report link works",
     "public_base_url": "base of report links (default: the request's scheme and host)",
     "sweep_interval_s": "reconciler round: outbox drain and expiry sweep",
     "sweep_batch": "users per expiry-sweep transaction",
     "scan_interval_s": "full version scan of Redis against PostgreSQL",
+    "scan_max_users_per_s": "pace of the version scan, users/s (0: unpaced)",
     "sync_undo_interval_s": "undo of abandoned promo attempts and CP clean-ups",
     "cache_retry_after_s": "after Redis fails, reads skip it for this long",
     "max_audience_body_bytes": "body limit of the internal audience endpoint",
@@ -184,6 +198,8 @@ DOCS: dict[str, str] = {
     "kafka_group": "consumer group",
     "kafka_max_batch": "messages per partition batch (one transaction)",
     "snapshot_part_ttl_s": "an incomplete multi-part snapshot is dropped after this long",
+    "ingest_max_members_per_s": "pace of copying a replaced audience into PostgreSQL, "
+    "members/s (0: unpaced)",
     "cp_url": "base URL of CP (the emulator under `make run`)",
     "cp_timeout_s": "per-call timeout to CP",
     "cp_max_attempts": "attempts per CP call (jittered backoff between)",

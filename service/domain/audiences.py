@@ -2,7 +2,7 @@
 
 An audience is ``(merchant_id, segment_type) -> customer_ids``.  Data engineering sends
 them on Kafka (and through the internal endpoint); MPS syncs one to CP for a promo
-(``service/domain/promos.py``).  The HTTP handlers and the Kafka consumer both call
+(``service/domain/promos/``).  The HTTP handlers and the Kafka consumer both call
 ``AudienceService``.
 """
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.domain.model import UserState
+from service.domain.pacing import Pacer
 from service.domain.promos import PromoService
 from service.domain.service import SegmentService
 
@@ -68,12 +69,14 @@ class Reconciler:
         promos: PromoService,
         *,
         clock: Callable[[], float] = time.time,
+        scan_max_users_per_s: float = 0.0,
     ) -> None:
         self._store = store
         self._cache = cache
         self._segments = segments
         self._promos = promos
         self._clock = clock
+        self._scan_max_users_per_s = scan_max_users_per_s
 
     async def drain_outbox(self, batch: int = 1000, min_age_s: float = 1.0) -> int:
         """Write to Redis every change whose write-through may not have happened."""
@@ -93,7 +96,10 @@ class Reconciler:
         started = self._clock()
         users = found = repaired = 0
         after = 0
+        pace = Pacer(self._scan_max_users_per_s)
+        pace.start()
         while rows := await self._store.scan_versions(after, batch):
+            await pace(len(rows))
             after = rows[-1][0]
             users += len(rows)
             cached = await self._cache.versions([uid for uid, _, _ in rows])

@@ -19,8 +19,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+from devstack import EmbeddedStack
 from service.bootstrap import Container
-from service.devstack import EmbeddedStack
 from service.domain import rules
 from service.domain.model import AddItem
 from tests.faults.load import SLUGS, Record, run_load
