@@ -1,15 +1,41 @@
-"""Read-path benchmarks, each against a ceiling measured in the same run.
+"""Read-path benchmarks: CPU per read against a ceiling measured in the same run.
 
-    .venv/bin/python -m bench.read_path [--users 100000] [--seconds 10]
+    .venv/bin/python -m bench.read_path [--users 100000] [--seconds 5] [--rounds 5]
 
-1. GET /v1/users/{id}/segments, 100,000 users x 5 memberships, one worker, 64
-   connections (wrk): requests/s as a ratio of a bare aiohttp handler returning fixed
-   JSON, and p99.
-2. Two workers (SO_REUSEPORT) vs one.
-3. Cache rebuild from PostgreSQL after a flush: memberships/s (median of three).
-4. Redis memory per user (used_memory delta / users).
-5. 20 percentage segments defined: cost on the read path.
-6. Batch reads (1,000 ids per request): user lookups/s.
+The API runs as it ships (``deploy/kubernetes/``, ``docker-compose.yml``): tokens
+configured (``SEGMENTS_AUTH_TOKENS``, three callers), reads need a bearer token, and
+every other setting at its default: access log ``errors``, log level ``INFO``, JSON log
+lines (written to a file, whose growth is reported).  Every inherited ``SEGMENTS_*``
+variable is dropped first.  ``--open-reads`` measures ``make run``'s variant instead
+(``SEGMENTS_AUTH_OPEN_READS=true``, tokens still configured).
+
+Measured, in alternating rounds (each: the bare handler, the API with one worker, with
+two, and with one worker once 20 percentage segments are defined), for
+GET /v1/users/{id}/segments over ``--users`` users x 5 memberships:
+
+1. CPU per request of the API (user + system from /proc, summed over the supervisor
+   and its workers) over the bare aiohttp handler's (bench/bare_server.py): the target
+   is <= 1.30x.
+2. Two workers vs one: CPU per request, <= 1.05x.
+3. 20 percentage segments defined vs none: CPU per request, <= 1.03x.
+
+Ratios are medians of the per-round ratios.  Requests/s, p99 and the cores each party
+used (API, Valkey, wrk) are reported with them; then batch reads, cache rebuild rate
+and Redis memory per user.
+
+Why CPU per request compares fairly: every subject gets the same offered load, from the
+same generator with the same settings -- wrk, one thread, 64 connections each keeping
+one request outstanding, for the same duration, the same random ids and the same
+request bytes (the bare handler gets the Authorization header too, and ignores it) --
+and the CPU the server process used is divided by the requests it completed in that
+window.  A faster server completes more of them, so its figure is not inflated by idle
+time; neither is it deflated by throughput, since CPU time, unlike requests/s, does not
+count the time a process waits for a core that wrk or Valkey holds (which is what makes
+throughput ratios on this 2-core machine move by 25% between runs).  Under this closed
+loop each server is as busy as it can be, so it handles as many requests per event-loop
+iteration as its speed allows: that makes the bare handler's figure the lowest it gets,
+and the ratio the strictest one (at a lower fixed rate, the per-iteration costs both
+servers pay would add the same microseconds to each side and bring the ratio toward 1).
 """
 
 from __future__ import annotations
@@ -18,8 +44,13 @@ import argparse
 import asyncio
 import os
 import resource
+import secrets
+import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +60,47 @@ import orjson
 from bench.measure import cpu_seconds, median
 from bench.stack import bench_stack, server
 from bench.wrk import WrkResult, run_wrk
+from devstack import descendants, free_port
 from service.bootstrap import build
-from service.devstack import descendants, free_port
 from service.settings import load_settings
 
 SEGMENTS = 20
 PER_USER = 5
+CONNECTIONS = 64
+AUTO_SEGMENTS = 20
+
+# The callers of deploy/kubernetes/secret.yaml and docker-compose.yml, with fresh tokens
+# of the length `segments dev` makes.
+CALLERS = {
+    "analytics": ["read", "write", "reports"],
+    "dataeng": ["internal"],
+    "mps": ["sync", "read"],
+}
+
+
+def shipped_env(stack_env: dict[str, str], *, open_reads: bool) -> tuple[dict[str, str], str]:
+    """The environment of the shipped configuration, and the token the bench reads with
+    (the read-only caller's of the deployment files, "mps")."""
+    made = {n: secrets.token_urlsafe(24) for n in CALLERS}
+    tokens = {n: {"token": made[n], "scopes": s} for n, s in CALLERS.items()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_")}
+    env.update(stack_env)
+    env["SEGMENTS_AUTH_TOKENS"] = orjson.dumps(tokens).decode()
+    if open_reads:
+        env["SEGMENTS_AUTH_OPEN_READS"] = "true"
+    return env, made["mps"]
+
+
+def describe(env: dict[str, str]) -> str:
+    settings = load_settings(env)
+    callers = len(orjson.loads(settings.auth_tokens))
+    reads = "open (no token needed)" if settings.auth_open_reads else "need a bearer token"
+    return (
+        f"{callers} callers' tokens configured, reads {reads} (each request sends one), "
+        f"access log {settings.access_log!r}, log level {settings.log_level}, "
+        f"log lines {'JSON' if settings.log_json != 'false' else 'text'} to a file, "
+        f"rate limit {'off' if not settings.rate_limit_per_s else settings.rate_limit_per_s}"
+    )
 
 
 async def seed(env: dict[str, str], users: int) -> dict[str, Any]:
@@ -91,50 +157,78 @@ async def seed(env: dict[str, str], users: int) -> dict[str, Any]:
         await container.close()
 
 
-def api(env: dict[str, str], port: int, workers: int = 1) -> list[str]:
+def api(port: int, workers: int = 1) -> list[str]:
     return ["-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)]
 
 
 @dataclass(frozen=True)
-class Cores:
-    """CPU used during a wrk run, in cores (CPU seconds per second)."""
+class Run:
+    """One measured wrk run against one server, with the CPU each party used."""
 
-    api: float
-    valkey: float
-    wrk: float
+    wrk: WrkResult
+    seconds: float  # wall time of the run
+    api_cpu_s: float  # the server's processes
+    valkey_cpu_s: float
+    wrk_cpu_s: float
 
     @property
-    def total(self) -> float:
-        return self.api + self.valkey + self.wrk
+    def us_per_request(self) -> float:
+        return self.api_cpu_s / max(self.wrk.requests, 1) * 1e6
+
+    def cores(self) -> tuple[float, float, float]:
+        """API, Valkey and wrk, in cores (CPU seconds per second)."""
+        s = self.seconds
+        return self.api_cpu_s / s, self.valkey_cpu_s / s, self.wrk_cpu_s / s
 
 
-def measure_cpu(
-    port: int, users: int, seconds: int, api_pid: int, valkey_pid: int
-) -> tuple[WrkResult, Cores]:
-    """A measured run, with the CPU each party used: on a 2-core machine the load
-    generator and Valkey share the cores with the API workers."""
-    run_wrk(f"http://127.0.0.1:{port}/v1/users/1/segments", users=users, seconds=2)
-    api_pids = [api_pid, *descendants(api_pid)]  # the supervisor and its workers
-    before = cpu_seconds([*api_pids, valkey_pid])
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    result = run_wrk(f"http://127.0.0.1:{port}/v1/users/1/segments", users=users, seconds=seconds)
-    elapsed = time.monotonic() - started
-    after = cpu_seconds([*api_pids, valkey_pid])
-    done = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wrk = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
-    api = sum(after[p] - before.get(p, 0.0) for p in api_pids if p in after)
-    valkey = after.get(valkey_pid, 0.0) - before.get(valkey_pid, 0.0)
-    return result, Cores(api / elapsed, valkey / elapsed, wrk / elapsed)
+@dataclass
+class Subject:
+    name: str
+    port: int
+    pids: Callable[[], list[int]]  # the server's processes, now
 
 
-def measure(port: int, users: int, seconds: int) -> WrkResult:
-    url = f"http://127.0.0.1:{port}/v1/users/1/segments"
-    run_wrk(url, users=users, seconds=2)  # warm-up
-    return run_wrk(url, users=users, seconds=seconds)
+class Bench:
+    def __init__(self, users: int, seconds: int, valkey_pid: int, token: str) -> None:
+        self.users, self.seconds, self.valkey_pid = users, seconds, valkey_pid
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def wrk(self, port: int, seconds: int) -> WrkResult:
+        url = f"http://127.0.0.1:{port}/v1/users/1/segments"
+        return run_wrk(
+            url, users=self.users, seconds=seconds, connections=CONNECTIONS, headers=self.headers
+        )
+
+    def warm_up(self, subject: Subject) -> None:
+        """A short run first; with several workers, until every one of them answers
+        (SO_REUSEPORT spreads connections only among the workers already listening)."""
+        for _ in range(10):
+            pids = subject.pids()
+            before = cpu_seconds(pids)
+            self.wrk(subject.port, 2)
+            after = cpu_seconds(pids)
+            busy = [p for p in pids if after.get(p, 0.0) - before.get(p, 0.0) > 0.1]
+            if len(busy) >= len(pids) - (len(pids) > 1):  # a supervisor only watches
+                return
+        raise RuntimeError(f"{subject.name}: not every worker answered")
+
+    def measure(self, subject: Subject) -> Run:
+        self.warm_up(subject)
+        pids = subject.pids()
+        before = cpu_seconds([*pids, self.valkey_pid])
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        result = self.wrk(subject.port, self.seconds)
+        elapsed = time.monotonic() - started
+        after = cpu_seconds([*pids, self.valkey_pid])
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wrk = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+        api_cpu = sum(after[p] - before.get(p, 0.0) for p in pids if p in after)
+        valkey = after.get(self.valkey_pid, 0.0) - before.get(self.valkey_pid, 0.0)
+        return Run(result, elapsed, api_cpu, valkey, wrk)
 
 
-def batch_lookups(port: int, users: int, seconds: float) -> float:
+def batch_lookups(port: int, users: int, seconds: float, headers: dict[str, str]) -> float:
     """User lookups/s through POST /v1/users/segments:batch, 1,000 ids per request."""
 
     async def run() -> float:
@@ -142,7 +236,7 @@ def batch_lookups(port: int, users: int, seconds: float) -> float:
 
         done = 0
         stop = time.monotonic() + seconds
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers=headers) as http:
 
             async def worker(seed: int) -> None:
                 nonlocal done
@@ -161,90 +255,153 @@ def batch_lookups(port: int, users: int, seconds: float) -> float:
     return asyncio.run(run())
 
 
-def _segments(port: int, method: str, body: dict[str, object] | None, slug: str) -> None:
-    url = f"http://127.0.0.1:{port}/v1/segments" + ("" if method == "POST" else f"/{slug}")
+def _call(port: int, method: str, path: str, token: str, body: object = None) -> int:
     data = None if body is None else orjson.dumps(body)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers
     )
-    urllib.request.urlopen(req, timeout=5)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as response:  # nosec B310: loopback
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@contextmanager
+def auto_segments(port: int, token: str) -> Iterator[None]:
+    """AUTO_SEGMENTS percentage segments (10% each), defined for the block."""
+    for i in range(AUTO_SEGMENTS):
+        body = {"slug": f"AUTO_{i}", "auto_percent": 10}
+        assert _call(port, "POST", "/v1/segments", token, body) == 201
+    try:
+        yield
+    finally:
+        for i in range(AUTO_SEGMENTS):
+            assert _call(port, "DELETE", f"/v1/segments/AUTO_{i}", token) == 204
+
+
+def _log_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--seconds", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--open-reads", action="store_true", help="make run's variant: reads need no token"
+    )
     a = parser.parse_args()
-    # The machine is shared and noisy: measurements alternate (ceiling, subject,
-    # ceiling, subject, ...) and the report gives the median of the per-round ratios.
-    with bench_stack() as stack:
-        env = {**os.environ, **stack.env(), "SEGMENTS_LOG_LEVEL": "WARNING"}
+    names = ("bare", "api1", "api2", "auto")
+    runs: dict[str, list[Run]] = {n: [] for n in names}
+    with bench_stack() as stack, tempfile.TemporaryDirectory(prefix="segments-read-") as tmp:
+        env, token = shipped_env(stack.env(), open_reads=a.open_reads)
+        writer = orjson.loads(env["SEGMENTS_AUTH_TOKENS"])["analytics"]["token"]
         seeded = asyncio.run(seed(env, a.users))
-        port, bare_port = free_port(), free_port()
-        rounds: list[tuple[WrkResult, WrkResult]] = []
-        with server(["-m", "bench.bare_server", str(bare_port)], env, bare_port):
-            with server(api(env, port), env, port):
-                for _ in range(a.rounds):
-                    rounds.append(
-                        (measure(bare_port, a.users, a.seconds), measure(port, a.users, a.seconds))
-                    )
-                lookups = batch_lookups(port, a.users, 5)
-                autos: list[tuple[WrkResult, WrkResult]] = []
-                for _ in range(a.rounds):
-                    plain = measure(port, a.users, a.seconds)
-                    for i in range(20):
-                        _segments(port, "POST", {"slug": f"AUTO_{i}", "auto_percent": 10}, "")
-                    with_auto = measure(port, a.users, a.seconds)
-                    for i in range(20):
-                        _segments(port, "DELETE", None, f"AUTO_{i}")
-                    autos.append((plain, with_auto))
-            workers: list[tuple[WrkResult, WrkResult]] = []
-            cores: list[tuple[Cores, Cores]] = []
-            valkey_pid = stack.valkey.pid
-            assert valkey_pid is not None
+        valkey_pid = stack.valkey.pid
+        assert valkey_pid is not None
+        bench = Bench(a.users, a.seconds, valkey_pid, token)
+        ports = {n: free_port() for n in ("bare", "api1", "api2")}
+        logs = {n: os.path.join(tmp, f"{n}.log") for n in ("api1", "api2")}
+        with ExitStack() as servers:
+            procs = {
+                "bare": servers.enter_context(
+                    server(["-m", "bench.bare_server", str(ports["bare"])], env, ports["bare"])
+                ),
+                "api1": servers.enter_context(
+                    server(api(ports["api1"]), env, ports["api1"], log=logs["api1"])
+                ),
+                "api2": servers.enter_context(
+                    server(api(ports["api2"], 2), env, ports["api2"], log=logs["api2"])
+                ),
+            }
+            read = "/v1/users/1/segments"
+            # The configuration is in force: reads are refused without a token (or not).
+            expected = 200 if a.open_reads else 401
+            assert _call(ports["api1"], "GET", read, "") == expected
+            assert _call(ports["api1"], "GET", read, token) == 200
+            subjects = {
+                "bare": Subject("bare", ports["bare"], lambda: [procs["bare"].pid]),
+                "api1": Subject("api1", ports["api1"], lambda: [procs["api1"].pid]),
+                "api2": Subject(
+                    "api2",
+                    ports["api2"],
+                    lambda: [procs["api2"].pid, *descendants(procs["api2"].pid)],
+                ),
+            }
+            lines_before = {n: _log_lines(p) for n, p in logs.items()}
             for _ in range(a.rounds):
-                with server(api(env, port), env, port) as proc:
-                    one_w, one_c = measure_cpu(port, a.users, a.seconds, proc.pid, valkey_pid)
-                with server(api(env, port, workers=2), env, port) as proc:
-                    two_w, two_c = measure_cpu(port, a.users, a.seconds, proc.pid, valkey_pid)
-                workers.append((one_w, two_w))
-                cores.append((one_c, two_c))
-    bare = max((r[0] for r in rounds), key=lambda r: r.rps)
-    one = max((r[1] for r in rounds), key=lambda r: r.rps)
-    two = max((w[1] for w in workers), key=lambda r: r.rps)
-    auto = max((x[1] for x in autos), key=lambda r: r.rps)
-    ratio = median([s.rps / b.rps for b, s in rounds])
-    worker_ratio = median([t.rps / o.rps for o, t in workers])
-    auto_ratio = median([w.rps / p.rps for p, w in autos])
-    p99 = median([s.p99_ms for _, s in rounds])
-    errors = sum(r.errors for pair in rounds + workers + autos for r in pair)
-    print(f"\nread path, {a.users:,} users x {PER_USER} memberships, 64 connections, wrk,")
-    print(f"{a.rounds} alternating rounds of {a.seconds} s; ratios are medians of per-round ratios")
-    print(f"  bare aiohttp (ceiling)    {bare.rps:>9,.0f} req/s  p99 {bare.p99_ms:6.2f} ms")
+                for name in ("bare", "api1", "api2"):
+                    runs[name].append(bench.measure(subjects[name]))
+                with auto_segments(ports["api1"], writer):
+                    runs["auto"].append(bench.measure(subjects["api1"]))
+            log_lines = sum(_log_lines(p) - lines_before[n] for n, p in logs.items())
+            lookups = batch_lookups(ports["api1"], a.users, 5, bench.headers)
+    report(a, describe(env), runs, log_lines, lookups, seeded)
+
+
+def report(
+    a: argparse.Namespace,
+    config: str,
+    runs: dict[str, list[Run]],
+    log_lines: int,
+    lookups: float,
+    seeded: dict[str, Any],
+) -> None:
+    def ratio(top: str, bottom: str) -> float:
+        pairs = zip(runs[top], runs[bottom], strict=True)
+        return median([t.us_per_request / b.us_per_request for t, b in pairs])
+
+    def rounds(name: str) -> str:
+        return " ".join(f"{r.us_per_request:.0f}" for r in runs[name])
+
+    def line(label: str, name: str, versus: str = "", target: float = 0.0) -> None:
+        rs = runs[name]
+        us = median([r.us_per_request for r in rs])
+        rps = median([r.wrk.rps for r in rs])
+        p99 = median([r.wrk.p99_ms for r in rs])
+        cores = [median([r.cores()[i] for r in rs]) for i in range(3)]
+        text = f"  {label:<26}{us:6.1f} us/req ({rounds(name)})"
+        if versus:
+            r = ratio(name, versus)
+            verdict = "ok" if r <= target else "MISSED"
+            text += f"  = {r:.3f}x {versus} (target <= {target:.2f}x: {verdict})"
+        print(text)
+        valkey = median([r.valkey_cpu_s / max(r.wrk.requests, 1) * 1e6 for r in rs])
+        print(
+            f"  {'':<26}{rps:>9,.0f} req/s, p99 {p99:5.2f} ms; cores: API {cores[0]:.2f}, "
+            f"Valkey {cores[1]:.2f} ({valkey:.1f} us/req), wrk {cores[2]:.2f}"
+        )
+
+    errors = sum(r.wrk.errors for rs in runs.values() for r in rs)
+    print(f"\nread path, {a.users:,} users x {PER_USER} memberships, GET /v1/users/{{id}}/segments")
+    print(f"configuration: {config}")
     print(
-        f"  API, 1 worker             {one.rps:>9,.0f} req/s  p99 {p99:6.2f} ms (median)"
-        f"  = {ratio:.2f}x ceiling"
+        f"load: wrk, 1 thread, {CONNECTIONS} connections, {a.rounds} alternating rounds of "
+        f"{a.seconds} s; CPU of the server's processes (user+system, /proc) per request "
+        "completed; figures are medians (per round in brackets), ratios medians of "
+        "per-round ratios"
     )
-    print(f"  API, 2 workers            {two.rps:>9,.0f} req/s  = {worker_ratio:.2f}x one worker")
-    rounds_text = ", ".join(f"{o.rps:,.0f} -> {t.rps:,.0f}" for o, t in workers)
-    print(f"    rounds (1 -> 2 workers): {rounds_text}")
-    # Cores are the limit here: at one worker's CPU cost per request (API + Valkey +
-    # wrk), this machine's cores could serve about this many times one worker (an
-    # estimate: the cost per request drops a little under more load, as batching grows).
-    one_c = min((c[0] for c in cores), key=lambda c: c.total)
-    two_c = max((c[1] for c in cores), key=lambda c: c.total)
-    bound = median([(os.cpu_count() or 1) / c[0].total for c in cores])
+    line("bare aiohttp (ceiling)", "bare")
+    line("API, 1 worker", "api1", "bare", 1.30)
+    line("API, 2 workers", "api2", "api1", 1.05)
+    line(f"API, 1 worker, +{AUTO_SEGMENTS} auto", "auto", "api1", 1.03)
+
+    def rps_ratio(top: str, bottom: str) -> float:
+        pairs = zip(runs[top], runs[bottom], strict=True)
+        return median([t.wrk.rps / b.wrk.rps for t, b in pairs])
+
+    throughput, workers = rps_ratio("api1", "bare"), rps_ratio("api2", "api1")
     print(
-        f"    cores used, 1 worker:   API {one_c.api:.2f}, Valkey {one_c.valkey:.2f}, "
-        f"wrk {one_c.wrk:.2f} = {one_c.total:.2f} of {os.cpu_count()}"
+        f"  throughput: API 1 worker = {throughput:.2f}x bare; 2 workers = {workers:.2f}x one "
+        f"(on {os.cpu_count()} cores shared with Valkey and wrk)"
     )
-    print(
-        f"    cores used, 2 workers:  API {two_c.api:.2f}, Valkey {two_c.valkey:.2f}, "
-        f"wrk {two_c.wrk:.2f} = {two_c.total:.2f}"
-    )
-    print(f"    at one worker's CPU per request, these cores allow ~{bound:.2f}x one worker")
-    print(f"  API, 1 worker, +20 auto   {auto.rps:>9,.0f} req/s  = {auto_ratio:.2f}x without")
+    print(f"  API log lines written while measured: {log_lines}")
     print(f"  batch reads (1,000 ids)   {lookups:>9,.0f} user lookups/s")
     print(
         f"  cache rebuild             {seeded['memberships_per_s']:>9,.0f} memberships/s"

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 USER_SCRIPT = """
 math.randomseed(%(seed)d)
+local headers = %(headers)s
 request = function()
-  return wrk.format("GET", "/v1/users/" .. math.random(1, %(users)d) .. "/segments")
+  return wrk.format("GET", "/v1/users/" .. math.random(1, %(users)d) .. "/segments", headers)
 end
 """
 
@@ -23,6 +24,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0  # completed in the run (wrk's "N requests in")
 
 
 def ensure_wrk() -> str:
@@ -79,12 +81,31 @@ def parse(out: str) -> WrkResult:
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(n) for n in re.findall(r"Socket errors:.*?timeout (\d+)", out))
-    return WrkResult(rps, p50, p99, errors)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return WrkResult(rps, p50, p99, errors, requests)
+
+
+def lua_headers(headers: dict[str, str]) -> str:
+    """``headers`` as a Lua table constructor, for a wrk script."""
+    quoted = (f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items())
+    return "{" + ", ".join(quoted) + "}"
+
+
+def _lua_string(text: str) -> str:
+    if not (text.isascii() and text.isprintable()):
+        raise ValueError(f"not a plain ASCII header text: {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def run_wrk(
-    url: str, *, users: int, seconds: int = 10, connections: int = 64, threads: int = 1
+    url: str,
+    *,
+    users: int,
+    seconds: int = 10,
+    connections: int = 64,
+    threads: int = 1,
+    headers: dict[str, str] | None = None,
 ) -> WrkResult:
-    """Random single-user reads over ``users`` ids."""
-    script = USER_SCRIPT % {"seed": 7, "users": users}
+    """Random single-user reads over ``users`` ids, each with ``headers``."""
+    script = USER_SCRIPT % {"seed": 7, "users": users, "headers": lua_headers(headers or {})}
     return run_script(script, url, seconds=seconds, connections=connections, threads=threads)

@@ -23,10 +23,12 @@ from service.http.handlers import Handlers
 from service.http.middleware import (
     Auth,
     RateLimit,
+    gates,
     observe,
     observing,
     parse_access_log,
     parse_tokens,
+    scope_for,
 )
 from service.http.openapi import build_openapi
 from service.http.serving import FRONT_DOOR, HOT_ROUTE, FrontDoor
@@ -151,19 +153,23 @@ def create_app(
 ) -> web.Application:
     # aiohttp's own limit sits above ours so that our handlers give the JSON 413.
     limit = max(settings.max_body_bytes, settings.max_audience_body_bytes)
-    layers: list[Middleware] = []  # after observe, for the app and the front door alike
+    layers: list[Middleware] = []  # after observe, in the app
     callers = parse_tokens(settings.auth_tokens)
-    if callers:
-        layers.append(Auth(callers, settings.auth_open_reads).middleware)
+    auth = Auth(callers, settings.auth_open_reads) if callers else None
+    limiter = None
     if settings.rate_limit_per_s > 0:
         burst = settings.rate_limit_burst or 2 * settings.rate_limit_per_s
-        layers.append(RateLimit(settings.rate_limit_per_s, burst).middleware)
+        limiter = RateLimit(settings.rate_limit_per_s, burst)
+    layers += [m.middleware for m in (auth, limiter) if m is not None]
     access = parse_access_log(settings.access_log, settings.access_log_slow_ms)
     app = web.Application(middlewares=[observe(access), *layers], client_max_size=limit * 2)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     hot_metrics = RequestMetrics("GET", HOT_ROUTE)
-    front = observing(lambda _: hot_metrics, access)
-    app[FRONT_DOOR] = FrontDoor([front, *layers], h.user_segments)
+    # The door's one route: the same checks as the app's layers, made inside observe.
+    scope = scope_for(HOT_ROUTE, "GET")
+    gate = gates(auth.gate(scope) if auth and scope else None, limiter.check if limiter else None)
+    front = observing(lambda _: hot_metrics, access, gate)
+    app[FRONT_DOOR] = FrontDoor([front], h.user_segments)
     a = AudienceHandlers(audiences, promos, settings.max_audience_body_bytes)
     customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
     openapi = orjson.dumps(build_openapi())

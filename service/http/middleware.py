@@ -3,7 +3,7 @@ bearer-token auth with scopes; per-caller rate limits."""
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import itertools
 import logging
 import math
@@ -24,6 +24,9 @@ from service.observability import RequestMetrics
 log = logging.getLogger("segments.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A check made before a route's handler, without awaiting anything: the refusal to
+# answer with, or None to go on (``Auth.gate``, ``RateLimit.check``).
+Gate = Callable[[web.Request], web.StreamResponse | None]
 
 # Routes anyone may call: probes, metrics and the API description.
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
@@ -106,7 +109,9 @@ def parse_access_log(mode: str, slow_ms: float) -> AccessLog:
 
 
 def observing(
-    metrics_of: Callable[[web.Request], RequestMetrics], access: AccessLog = LOG_ALL
+    metrics_of: Callable[[web.Request], RequestMetrics],
+    access: AccessLog = LOG_ALL,
+    gate: Gate | None = None,
 ) -> Middleware:
     """The one layer every request goes through: errors as JSON (``errors.error_for``),
     the request id (taken from X-Request-Id or made), an access-log line as ``access``
@@ -114,6 +119,10 @@ def observing(
 
     ``metrics_of`` finds the request's route metrics: from aiohttp's match info in the
     app (``observe``), fixed for the front door's one route (service/http/serving.py).
+    ``gate`` (``gates``) checks a request before the handler, inside this layer: the
+    front door's one route has one scope, so its auth and rate limit are plain calls
+    here rather than middleware layers of their own (each a coroutine, and a scope
+    worked out from the path on every request).
 
     Made cheaper for the read path: one middleware rather than two (observe + errors),
     the route's metrics found once per route, and counted in plain numbers that reach
@@ -138,7 +147,8 @@ def observing(
         status = 500
         try:
             try:
-                response = await handler(request)
+                refused = None if gate is None else gate(request)
+                response = await handler(request) if refused is None else refused
             except Exception as exc:  # error_for answers, or re-raises for aiohttp
                 response = error_for(request, exc)
             status = response.status
@@ -237,16 +247,62 @@ def scope_for(path: str, method: str) -> str | None:
     return "write"
 
 
+def gates(*checks: Gate | None) -> Gate | None:
+    """The checks that are there (auth, then rate limit), as one; None for none."""
+    present = [check for check in checks if check is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def gate(request: web.Request) -> web.StreamResponse | None:
+        for check in present:
+            refused = check(request)
+            if refused is not None:
+                return refused
+        return None
+
+    return gate
+
+
+def _digest(token: str) -> bytes:
+    # surrogateescape: a header aiohttp could not decode is still some bytes, never an error.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
 @dataclass
 class Auth:
     callers: Mapping[str, Caller]
     open_reads: bool = False
 
+    def __post_init__(self) -> None:
+        # Callers by the SHA-256 of their token: a presented token is hashed once and
+        # looked up, so the time taken depends on its digest, which tells an attacker
+        # nothing about any token's bytes (a compare against each token in turn cost
+        # a request time in proportion to the number of callers).
+        self._by_digest = {
+            _digest(caller.token): (name, caller.scopes) for name, caller in self.callers.items()
+        }
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         scope = required_scope(request)
-        if scope is None or (scope == "read" and self.open_reads):
-            return await handler(request)
+        if scope is not None:
+            refused = self.check(request, scope)
+            if refused is not None:
+                return refused
+        return await handler(request)
+
+    def gate(self, scope: str) -> Gate | None:
+        """The check of a route whose scope is known (None: the route is open)."""
+        if scope == "read" and self.open_reads:
+            return None
+        check = self.check
+        return lambda request: check(request, scope)
+
+    def check(self, request: web.Request, scope: str) -> web.Response | None:
+        """401 or 403 for a request that may not use a route of ``scope``, else None
+        (and the caller's name kept in the request)."""
+        if scope == "read" and self.open_reads:
+            return None
         header = request.headers.get("Authorization", "")
         token = header[7:] if header[:7].lower() == "bearer " else ""
         caller = self._identify(token) if token else None
@@ -265,15 +321,10 @@ class Auth:
                 status=403,
             )
         request[CALLER] = name
-        return await handler(request)
+        return None
 
     def _identify(self, token: str) -> tuple[str, frozenset[str]] | None:
-        found = None
-        # Compare against every token, in constant time each, so timing tells nothing.
-        for name, caller in self.callers.items():
-            if hmac.compare_digest(caller.token.encode(), token.encode()):
-                found = (name, caller.scopes)
-        return found
+        return self._by_digest.get(_digest(token))
 
 
 @dataclass
@@ -288,8 +339,13 @@ class RateLimit:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = self.check(request)
+        return await handler(request) if refused is None else refused
+
+    def check(self, request: web.Request) -> web.Response | None:
+        """429 for a caller over its rate, else None (and one token taken)."""
         if request.path.startswith(OPEN_PATHS):
-            return await handler(request)
+            return None
         key = request.get(CALLER) or request.remote or "?"
         now = time.monotonic()
         tokens, at = self._buckets.get(key, (self.burst, now))
@@ -308,4 +364,4 @@ class RateLimit:
         self._buckets[key] = (tokens - 1, now)
         if len(self._buckets) > 100_000:  # forget idle callers rather than grow forever
             self._buckets.clear()
-        return await handler(request)
+        return None
