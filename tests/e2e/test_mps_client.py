@@ -75,8 +75,11 @@ async def cp_calls(cp: aiohttp.ClientSession) -> int:
 
 
 @pytest.fixture
-async def client(server: TestServer, http: aiohttp.ClientSession) -> AsyncIterator[SegmentsClient]:
-    # ``http`` first empties the databases.
+async def client(
+    server: TestServer, http: aiohttp.ClientSession, cp: aiohttp.ClientSession
+) -> AsyncIterator[SegmentsClient]:
+    # ``http`` first empties the databases; ``cp`` resets the CP emulator (a fault left
+    # on by an earlier test would fail these in any order).
     async with SegmentsClient(str(server.make_url("")), timeout_s=10) as c:
         yield c
 
