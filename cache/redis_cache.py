@@ -1,8 +1,8 @@
 """The Redis (Valkey) serving copy.  The key schema is documented in docs/cache-format.md.
 
-Every read is one round trip: a Lua script checks the completeness marker and
-returns the user's unexpired memberships with the registry version, so a flushed or
-restarted Redis is noticed on the very next read.
+Every read is one round trip: a Lua script checks the completeness marker (or, while a
+rebuild runs, its progress mark) and returns the user's unexpired memberships with the
+registry version, so a flushed or restarted Redis is noticed on the very next read.
 """
 
 from __future__ import annotations
@@ -35,24 +35,32 @@ log = logging.getLogger(__name__)
 # their version outlives any slow writer holding an older state.
 MIN_KEY_TTL_S = 600
 
-# KEYS: the user's bucket meta, the user.  ARGV: the lowest live score.
+# KEYS: the user's bucket meta, the user.  ARGV: the lowest live score, the user id.
+# While a rebuild is under way, a user at or below its `rebuilt_to` mark is answered
+# too: the rebuild has written that user since the bucket was last emptied.
 _READ = """
-local complete, registry = unpack(redis.call('HMGET', KEYS[1], 'complete', 'registry'))
-if not complete or not registry then return false end
+local complete, registry, upto = unpack(
+  redis.call('HMGET', KEYS[1], 'complete', 'registry', 'rebuilt_to'))
+if not registry then return false end
+if not complete and not (upto and tonumber(ARGV[2]) <= tonumber(upto)) then return false end
 local out = redis.call('ZRANGE', KEYS[2], ARGV[1], '+inf', 'BYSCORE')
 table.insert(out, 1, registry)
 return out
 """
 
 # KEYS: ARGV[2] bucket metas, then user keys.  ARGV: the lowest live score, the number
-# of metas.  Answers the newest registry version among the buckets, then one list per
-# user.  Standalone: one call for a whole batch; Redis Cluster: one call per bucket.
+# of metas, the highest user id asked.  Answers the newest registry version among the
+# buckets, then one list per user.  Standalone: one call for a whole batch; Redis
+# Cluster: one call per bucket.
 _READ_MANY = """
 local metas = tonumber(ARGV[2])
+local highest = tonumber(ARGV[3])
 local newest = 0
 for i = 1, metas do
-  local complete, registry = unpack(redis.call('HMGET', KEYS[i], 'complete', 'registry'))
-  if not complete or not registry then return false end
+  local complete, registry, upto = unpack(
+    redis.call('HMGET', KEYS[i], 'complete', 'registry', 'rebuilt_to'))
+  if not registry then return false end
+  if not complete and not (upto and highest <= tonumber(upto)) then return false end
   newest = math.max(newest, tonumber(registry))
 end
 local out = {newest}
@@ -148,7 +156,16 @@ return 1
 _MARK_BUCKET = """
 if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'complete', ARGV[1])
-redis.call('HDEL', KEYS[1], 'building')
+redis.call('HDEL', KEYS[1], 'building', 'rebuilt_to')
+return 1
+"""
+
+# KEYS: a bucket meta.  ARGV: generation, the highest user id written so far.  Only
+# while the bucket still holds this rebuild's `building`: after a flush the users
+# written before it are gone, so the mark must not come back.
+_MARK_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'rebuilt_to', ARGV[2])
 return 1
 """
 
@@ -307,6 +324,7 @@ class RedisCache:
         self._read_registry = client.register_script(_READ_REGISTRY)
         self._bump_registry = client.register_script(_BUMP_REGISTRY)
         self._mark_bucket = client.register_script(_MARK_BUCKET)
+        self._mark_progress = client.register_script(_MARK_PROGRESS)
         self._finish = client.register_script(_FINISH_REBUILD)
         self._renew = client.register_script(_RENEW_LEASE)
         self._release = client.register_script(_RELEASE_LEASE)
@@ -432,7 +450,7 @@ class RedisCache:
         # The hot path: plain try/except rather than the _guard() context manager,
         # whose generator machinery showed up at ~2% of a request in py-spy.
         read_keys = [keys.meta_of(user_id), keys.user(user_id)]
-        args = [f"({now!r}"]
+        args: list[str | int] = [f"({now!r}", user_id]
         try:
             if self._fast is None:
                 raw = await self._call(self._read, read_keys, args)
@@ -456,10 +474,11 @@ class RedisCache:
         by_bucket = _by_bucket(user_ids, lambda uid: uid)
         if self._cluster:
             groups = list(by_bucket.items())
-            calls = [((meta, *map(keys.user, ids)), (low, 1)) for meta, ids in groups]
+            calls = [((meta, *map(keys.user, ids)), (low, 1, max(ids))) for meta, ids in groups]
         else:
             groups = [("", [uid for ids in by_bucket.values() for uid in ids])]
-            calls = [((*by_bucket, *map(keys.user, groups[0][1])), (low, len(by_bucket)))]
+            highest = max(user_ids, default=0)
+            calls = [((*by_bucket, *map(keys.user, groups[0][1])), (low, len(by_bucket), highest))]
         async with _guard(self._errors):
             replies = await self._script_calls(self._read_many, calls)
         found: dict[int, CachedUser] = {}
@@ -574,7 +593,7 @@ class RedisCache:
 
     async def invalidate(self) -> None:
         async with _guard(self._errors):
-            await self._on_every_meta("HDEL", "complete")
+            await self._on_every_meta("HDEL", "complete", "rebuilt_to")
 
     # -- rebuild --------------------------------------------------------------
 
@@ -587,9 +606,29 @@ class RedisCache:
                 return None
             # `building` lives in the meta hashes, so a FLUSHALL (or a shard restart)
             # during the rebuild erases it and the rebuild cannot mark an incomplete
-            # copy as complete.
-            await self._on_every_meta("HSET", "building", generation)
+            # copy as complete.  A mark left by an earlier rebuild goes first, so no
+            # read trusts it under the new generation.
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for meta in (keys.META, *keys.BUCKET_METAS):
+                        pipe.hdel(meta, "rebuilt_to")
+                        pipe.hset(meta, "building", generation)
+                    await pipe.execute()
+            except self._errors:
+                # Else the lease outlives this failed start by its whole term, and no
+                # process rebuilds meanwhile.
+                with contextlib.suppress(*self._errors):
+                    await self._call(self._release, [keys.REBUILD_LEASE], [generation])
+                raise
         return generation
+
+    async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:
+        """Every user up to ``upto_user_id`` is written: reads may answer them from
+        Redis before the rebuild completes.  False when no bucket took the mark (they
+        were flushed since ``begin_rebuild``)."""
+        async with _guard(self._errors):
+            marked = await self._each_bucket(self._mark_progress, [generation, upto_user_id])
+        return any(marked)
 
     async def renew_rebuild(self, generation: str, lease_s: float) -> bool:
         async with _guard(self._errors):

@@ -23,11 +23,19 @@ from persistence.store import PgStore
 from persistence.urls import asyncpg_url
 from service.cp.client import CpClient
 from service.domain.audiences import AudienceService
+from service.domain.ports import (
+    AudienceStore,
+    CacheServer,
+    CpConnection,
+    Database,
+    PromoStore,
+    StoreFigures,
+)
 from service.domain.promos import PromoService
 from service.domain.reconcile import Reconciler
 from service.domain.reports import HistoryReports
+from service.domain.rules import MAX_AUDIENCE_IDS
 from service.domain.service import SegmentService
-from service.http import schemas
 from service.http.app import SYNC_METRICS, Probes, create_app
 from service.observability import (
     CP_CALLS,
@@ -44,27 +52,36 @@ from service.observability import (
     CounterBridge,
     flush_request_metrics,
 )
-from service.pg_metrics import rebuild_progress
+from service.pg_metrics import PgFigures, rebuild_progress
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 
+WRITE_CONFLICT_KINDS = ("conflict", "locked", "turn_timeout")
+
 
 @dataclass
 class Container:
+    """The services and the adapters under them, each adapter held through its ports
+    (``service/domain/ports.py``): a test can build one over in-memory fakes.  Nothing
+    here is a concrete adapter; what the entry points need beyond the domain's ports
+    (pinging, closing, CP's call counts, PostgreSQL's operational figures) is part of
+    the ``Database``, ``CacheServer``, ``CpConnection`` and ``StoreFigures`` ports."""
+
     settings: Settings
-    store: PgStore
-    cache: RedisCache
+    store: Database
+    cache: CacheServer
     segments: SegmentService
     reports: HistoryReports
-    audience_store: PgAudienceStore
+    audience_store: AudienceStore
     audiences: AudienceService
-    promo_store: PgPromoStore
+    promo_store: PromoStore
     promos: PromoService
-    cp: CpClient
+    cp: CpConnection
     reconciler: Reconciler
+    figures: StoreFigures
 
     async def close(self) -> None:
         await self.cp.close()
@@ -72,24 +89,65 @@ class Container:
         await self.store.close()
 
 
-async def build(settings: Settings) -> Container:
-    if not settings.database_url or not settings.redis_url:
-        raise SystemExit("SEGMENTS_DATABASE_URL and SEGMENTS_REDIS_URL must be set")
-    store = await PgStore.connect(
-        asyncpg_url(settings.database_url),
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        command_timeout=settings.db_command_timeout_s,
-        acquire_timeout=settings.db_acquire_timeout_s,
-    )
-    cache = RedisCache.from_url(
-        settings.redis_url,
-        timeout_s=settings.redis_timeout_s,
-        pool_size=settings.redis_pool_size,
-        pipelined_reads=settings.redis_pipelined_reads,
-        cluster=settings.redis_cluster,
-    )
-    await cache.start()
+async def build(
+    settings: Settings,
+    *,
+    store: Database | None = None,
+    cache: CacheServer | None = None,
+    cp: CpConnection | None = None,
+    audience_store: AudienceStore | None = None,
+    promo_store: PromoStore | None = None,
+    figures: StoreFigures | None = None,
+) -> Container:
+    """Connect the adapters ``settings`` name and build the services over them.  Any
+    adapter passed in is used instead of the real one (and closed with the container);
+    a ``store`` that is not a ``PgStore`` needs ``audience_store``, ``promo_store`` and
+    ``figures`` too, since the real ones are built over PostgreSQL."""
+    if store is None:
+        if not settings.database_url:
+            raise SystemExit("SEGMENTS_DATABASE_URL and SEGMENTS_REDIS_URL must be set")
+        store = await PgStore.connect(
+            asyncpg_url(settings.database_url),
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            command_timeout=settings.db_command_timeout_s,
+            acquire_timeout=settings.db_acquire_timeout_s,
+        )
+        workers = settings.report_parallel_workers
+        store.report_parallel_workers = None if workers < 0 else workers
+    if cache is None:
+        if not settings.redis_url:
+            raise SystemExit("SEGMENTS_DATABASE_URL and SEGMENTS_REDIS_URL must be set")
+        redis = RedisCache.from_url(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            pool_size=settings.redis_pool_size,
+            pipelined_reads=settings.redis_pipelined_reads,
+            cluster=settings.redis_cluster,
+        )
+        await redis.start()
+        cache = redis
+    if audience_store is None or promo_store is None or figures is None:
+        if not isinstance(store, PgStore):
+            raise TypeError(
+                "a store that is not a PgStore needs audience_store, promo_store and figures"
+            )
+        if audience_store is None:
+            audience_store = PgAudienceStore(
+                store, max_members_per_s=settings.ingest_max_members_per_s
+            )
+        if promo_store is None:
+            promo_store = PgPromoStore(store)
+        if figures is None:
+            figures = PgFigures(store)
+    if cp is None:
+        cp = CpClient(
+            settings.cp_url or "http://127.0.0.1:9/",
+            timeout_s=settings.cp_timeout_s,
+            max_attempts=settings.cp_max_attempts,
+            rate_limit_per_s=settings.cp_rate_limit_per_s,
+            on_request=lambda op, outcome, seconds: CP_SECONDS.labels(op, outcome).observe(seconds),
+        )
     segments = SegmentService(
         store,
         cache,
@@ -107,16 +165,7 @@ async def build(settings: Settings) -> Container:
         )
         secret = secrets.token_bytes(32)
     reports = HistoryReports(store, secret, settings.report_link_ttl_s)
-    audience_store = PgAudienceStore(store, max_members_per_s=settings.ingest_max_members_per_s)
-    cp = CpClient(
-        settings.cp_url or "http://127.0.0.1:9/",
-        timeout_s=settings.cp_timeout_s,
-        max_attempts=settings.cp_max_attempts,
-        rate_limit_per_s=settings.cp_rate_limit_per_s,
-        on_request=lambda op, outcome, seconds: CP_SECONDS.labels(op, outcome).observe(seconds),
-    )
-    audiences = AudienceService(audience_store, max_ids=schemas.MAX_AUDIENCE_IDS)
-    promo_store = PgPromoStore(store)
+    audiences = AudienceService(audience_store, max_ids=MAX_AUDIENCE_IDS)
     promos = PromoService(
         promo_store,
         cache,
@@ -126,14 +175,12 @@ async def build(settings: Settings) -> Container:
         horizon_days=settings.sync_horizon_days,
     )
     segments.add_rebuild_phase(promos.rebuild_counters)
-    segments.rebuild_progress = rebuild_progress(store)
+    segments.rebuild_progress = rebuild_progress(figures)
     reconciler = Reconciler(
         store, cache, segments, promos, scan_max_users_per_s=settings.scan_max_users_per_s
     )
-    # Everything built so far (modules, the app's objects) lives as long as the process:
-    # keep it out of the cyclic collector's full passes.  Those passes rescanned it
-    # while a cache rebuild allocated millions of objects: a rebuild of 100,000 users
-    # went from 94-132k to 146-183k memberships/s (py-spy had ~70% of it in them).
+    # Everything built so far lives as long as the process: frozen, the cyclic
+    # collector's full passes no longer rescan it while a rebuild allocates millions.
     gc.collect()
     gc.freeze()
     return Container(
@@ -148,6 +195,7 @@ async def build(settings: Settings) -> Container:
         promos,
         cp,
         reconciler,
+        figures,
     )
 
 
@@ -183,25 +231,22 @@ def counter_bridge(container: Container) -> CounterBridge:
     promos = container.promos
     bridge.add(lambda: dict(promos.syncs), lambda name, n: SYNCS.labels(name).inc(n))
     bridge.add(lambda: dict(promos.errors), lambda name, n: PROMO_ERRORS.labels(name).inc(n))
+    figures = container.figures
     bridge.add(
-        lambda: {"timeouts": container.store.acquire_timeouts},
+        lambda: {"timeouts": figures.pool_counts()["acquire_timeouts"]},
         lambda name, n: DB_ACQUIRE_TIMEOUTS.inc(n),
     )
-    store = container.store
     bridge.add(
-        lambda: {
-            "conflict": store.change_conflicts,
-            "locked": store.locked_changes,
-            "turn_timeout": store.turn_timeouts,
-        },
+        lambda: {k: v for k, v in figures.pool_counts().items() if k in WRITE_CONFLICT_KINDS},
         lambda name, n: WRITE_CONFLICTS.labels(name).inc(n),
     )
 
     def pool_gauges() -> None:
-        DB_POOL_IN_USE.set(store.in_use)
-        DB_POOL_IN_USE_PEAK.set(store.in_use_peak)
-        DB_POOL_WAITING.set(store.waiting)
-        DB_POOL_SIZE.set(store.max_size)
+        pool = figures.pool_counts()
+        DB_POOL_IN_USE.set(pool["in_use"])
+        DB_POOL_IN_USE_PEAK.set(pool["in_use_peak"])
+        DB_POOL_WAITING.set(pool["waiting"])
+        DB_POOL_SIZE.set(pool["max_size"])
 
     bridge.add_flush(pool_gauges)
     return bridge

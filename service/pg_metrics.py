@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from persistence.store import PgStore
 from service.domain.errors import StorageUnavailable
+from service.domain.ports import StoreFigures
 from service.observability import OUTBOX_AGE, OUTBOX_ROWS, REBUILD_EXPECTED, REBUILD_WRITTEN
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,43 @@ FROM pg_class c WHERE c.oid = 'user_versions'::regclass
 """
 
 
-async def count_users(store: PgStore) -> int:
-    """Users PostgreSQL knows (estimated above a million rows)."""
-    async with store.connection() as conn:
-        return int(await conn.fetchval(_USERS))
+class PgFigures:
+    """``StoreFigures`` read from a ``PgStore``."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+
+    async def count_users(self) -> int:
+        async with self._store.connection() as conn:
+            return int(await conn.fetchval(_USERS))
+
+    async def outbox_backlog(self) -> dict[str, tuple[int, float]]:
+        async with self._store.connection() as conn:
+            rows = await conn.fetch(_OUTBOXES, OUTBOX_COUNT_CAP)
+        return {row["outbox"]: (row["n"], max(0.0, row["age"])) for row in rows}
+
+    def pool_counts(self) -> dict[str, int]:
+        store = self._store
+        return {
+            "acquire_timeouts": store.acquire_timeouts,
+            "conflict": store.change_conflicts,
+            "locked": store.locked_changes,
+            "turn_timeout": store.turn_timeouts,
+            "in_use": store.in_use,
+            "in_use_peak": store.in_use_peak,
+            "waiting": store.waiting,
+            "max_size": store.max_size,
+        }
 
 
-async def set_outbox_gauges(store: PgStore) -> None:
-    async with store.connection() as conn:
-        rows = await conn.fetch(_OUTBOXES, OUTBOX_COUNT_CAP)
-    for row in rows:
-        OUTBOX_ROWS.labels(row["outbox"]).set(row["n"])
-        OUTBOX_AGE.labels(row["outbox"]).set(max(0.0, row["age"]))
+async def set_outbox_gauges(figures: StoreFigures) -> None:
+    for outbox, (rows, age) in (await figures.outbox_backlog()).items():
+        OUTBOX_ROWS.labels(outbox).set(rows)
+        OUTBOX_AGE.labels(outbox).set(age)
 
 
 def rebuild_progress(
-    store: PgStore, count_timeout_s: float = 1.0
+    figures: StoreFigures, count_timeout_s: float = 1.0
 ) -> Callable[[int], Awaitable[None]]:
     """``SegmentService.rebuild_progress`` for the rebuild gauges.  Counting the users
     when a rebuild starts delays it by at most ``count_timeout_s``; a count that fails
@@ -71,7 +93,7 @@ def rebuild_progress(
             return
         try:
             async with asyncio.timeout(count_timeout_s):
-                total = await count_users(store)
+                total = await figures.count_users()
         except (StorageUnavailable, TimeoutError) as exc:
             log.info("cache rebuild: users not counted (%s)", exc or "timed out")
             return

@@ -87,7 +87,7 @@ async def run(container: Container, stop: asyncio.Event) -> None:
         _Every(settings.scan_interval_s, scan),
         _Every(settings.sync_undo_interval_s, reconciler.promo_round),
         _Every(0, gauges),
-        _Every(OUTBOX_GAUGES_S, lambda: set_outbox_gauges(container.store)),
+        _Every(OUTBOX_GAUGES_S, lambda: set_outbox_gauges(container.figures)),
     ]
     while not stop.is_set():
         for step in steps:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from service.domain.rules import MAX_LIST_ITEMS
+
 ENV_PREFIX = "SEGMENTS_"
 
 
@@ -28,7 +30,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_workers: int = 1
     http_uvloop: bool = True
     max_body_bytes: int = 1024 * 1024
-    max_list_length: int = 1000
+    max_list_length: int = MAX_LIST_ITEMS
 
     # PostgreSQL pool.  Writes hold a connection for one short transaction.
     db_pool_min: int = 2
@@ -56,6 +58,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # An API process that finds the cache incomplete leaves the rebuild to the
     # reconciler this long before starting one itself.
     rebuild_delay_s: float = 2.0
+    # PostgreSQL parallel workers per query of a history report; -1: the server's
+    # max_parallel_workers_per_gather.
+    report_parallel_workers: int = 0
 
     # History reports.  Every API process must share the secret: links are signed with
     # it.  Empty: a random per-process secret (fine for one process; `segments dev`
@@ -183,6 +188,8 @@ DOCS: dict[str, str] = {
     "rebuild_max_users_per_s": "pace of a cache rebuild, users/s (0: unpaced)",
     "rebuild_delay_s": "an API process finding the cache incomplete leaves the rebuild to the "
     "reconciler this long, then starts it itself",
+    "report_parallel_workers": "PostgreSQL parallel workers per query of a history report "
+    "(-1: the server's `max_parallel_workers_per_gather`); workers take cores from reads",
     # "report_secret": set below.
     "report_link_ttl_s": "how long a report link works",
     "public_base_url": "base of report links (default: the request's scheme and host)",

@@ -50,6 +50,7 @@ from persistence.history.queries import Conn, from_us, to_us
 from persistence.history.report import (
     REPORT_BATCH,
     REPORT_PARALLEL_TUPLE_COST,
+    REPORT_PARALLEL_WORKERS,
     REPORT_WORK_MEM,
     write_csv,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "REPLAY_SLICE",
     "REPORT_BATCH",
     "REPORT_PARALLEL_TUPLE_COST",
+    "REPORT_PARALLEL_WORKERS",
     "REPORT_WORK_MEM",
     "SPOOL_MEMORY",
     "SPOOL_PIECE",

@@ -35,6 +35,11 @@ REPORT_WORK_MEM = "128MB"
 # The final query's cost of a row passed between parallel processes (write_csv).
 REPORT_PARALLEL_TUPLE_COST = 0.01
 
+# PostgreSQL parallel workers per query of a report (SEGMENTS_REPORT_PARALLEL_WORKERS).
+# None: the server's max_parallel_workers_per_gather.  On a small machine the workers
+# take the cores the API's reads need (docs/performance.md).
+REPORT_PARALLEL_WORKERS: int | None = 0
+
 
 async def write_csv(
     conn: Conn,
@@ -47,6 +52,7 @@ async def write_csv(
     *,
     batch: int = REPORT_BATCH,
     copy_timeout_s: float | None = None,
+    parallel_workers: int | None = REPORT_PARALLEL_WORKERS,
 ) -> None:
     """The report's CSV rows (no header) in time order, from one snapshot (the package's
     docstring says how).
@@ -68,6 +74,8 @@ async def write_csv(
     one more task); a streaming plan (a parallel index scan and incremental sort:
     no faster, and the first marker would wait for the hashing).
     """
+    if parallel_workers is not None:
+        await conn.execute(f"SET LOCAL max_parallel_workers_per_gather = {int(parallel_workers)}")
     now = await now_us(conn)
     start_us, end_us = to_us(start), to_us(end)
     rules = {

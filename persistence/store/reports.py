@@ -15,6 +15,9 @@ from service.domain.history import ExplainInputs
 class Reports(UserStates):
     """History reports and explanations."""
 
+    # PostgreSQL parallel workers per report query (None: the server's setting).
+    report_parallel_workers: int | None = history.REPORT_PARALLEL_WORKERS
+
     async def history_csv(
         self,
         start: dt.datetime,
@@ -51,6 +54,7 @@ class Reports(UserStates):
                 labels,
                 sink,
                 copy_timeout_s=BULK_TIMEOUT_S,
+                parallel_workers=self.report_parallel_workers,
             )
 
     async def explain_inputs(self, user_id: int) -> ExplainInputs:

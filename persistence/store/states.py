@@ -4,6 +4,7 @@ a list of users, or all of them in batches (the cache rebuild)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import asyncpg
 
@@ -45,7 +46,19 @@ _STATE_OF_ONE = (
 )
 
 
-def _state(row: asyncpg.Record) -> UserState:
+# The states of a list of users with the registry's version (what Store.registry()
+# answers as version), in one statement, so from one snapshot: reads answered from
+# PostgreSQL need both, and come here many users a query while the cache rebuilds.
+_STATES_FOR_READ = (
+    "SELECT v.user_id, v.version, m.ids, m.exps, x.ids AS excluded,"  # nosec B608
+    " (SELECT coalesce(max(version), 0) FROM segments) AS registry_version"
+    " FROM (SELECT u.user_id, coalesce(uv.version, 0) AS version"
+    " FROM unnest($1::bigint[]) AS u(user_id)"
+    " LEFT JOIN user_versions uv ON uv.user_id = u.user_id) v" + _USER_ROWS
+)
+
+
+def _state(row: asyncpg.Record | tuple[Any, ...]) -> UserState:
     # A rebuild calls this for every user: positional unpacking and map() (C loops)
     # rather than field names and a generator.
     user_id, version, ids, exps, excluded = row
@@ -67,6 +80,17 @@ class UserStates(PgPool):
             row = await conn.fetchrow(_STATE_OF_ONE, user_id)
         assert row is not None
         return _state(row)
+
+    async def user_states_for_read(
+        self, user_ids: Sequence[int]
+    ) -> tuple[dict[int, UserState], int]:
+        """The users' states (users without one are missing) and the registry's
+        version, in one statement: a read answered from PostgreSQL then fetches the
+        registry only when it changed."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(_STATES_FOR_READ, list(user_ids))
+        registry_version = int(rows[0][5]) if rows else 0
+        return {r[0]: _state(r[:5]) for r in rows}, registry_version
 
     async def user_states(self, batch_size: int) -> AsyncIterator[list[UserState]]:
         after = 0

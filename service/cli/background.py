@@ -36,7 +36,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
     from service.bootstrap import build, counter_bridge
-    from service.http.schemas import MAX_AUDIENCE_IDS
+    from service.domain.rules import MAX_AUDIENCE_IDS
     from service.ingest.consumer import AudienceConsumer
     from service.observability import CONSUMER
 

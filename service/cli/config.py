@@ -19,13 +19,13 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 
 def config_errors(settings: Settings, command: str) -> list[str]:
     """What is wrong with ``settings`` for running ``command``; empty when nothing is."""
+    from service.domain.rules import MAX_LIST_ITEMS
     from service.http.middleware import parse_access_log, parse_tokens
-    from service.http.schemas import MAX_ITEMS
 
     errors = []
-    if not 1 <= settings.max_list_length <= MAX_ITEMS:
+    if not 1 <= settings.max_list_length <= MAX_LIST_ITEMS:
         # The API's schemas refuse longer lists before the setting is ever consulted.
-        errors.append(f"{ENV_PREFIX}MAX_LIST_LENGTH must be within 1..{MAX_ITEMS}")
+        errors.append(f"{ENV_PREFIX}MAX_LIST_LENGTH must be within 1..{MAX_LIST_ITEMS}")
     if settings.sync_threshold < 1:
         errors.append(f"{ENV_PREFIX}SYNC_THRESHOLD must be at least 1")
     positive = (

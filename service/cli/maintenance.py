@@ -22,12 +22,11 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from service.bootstrap import build
-    from service.pg_metrics import count_users
 
     async def run() -> bool:
         container = await build(settings)
         try:
-            total = await count_users(container.store)
+            total = await container.figures.count_users()
             container.segments.rebuild_progress = _RebuildProgress(total)
             await container.cache.invalidate()
             return await container.segments.rebuild_cache()

@@ -12,10 +12,17 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 from service.domain.errors import DomainError, InvalidRequest
-from service.domain.rules import USER_ID_MAX, USER_ID_MIN, check_text, is_valid_slug
+from service.domain.ports import AudienceStore
+from service.domain.rules import (
+    ID_RANGE_SHORT,
+    check_id,
+    check_slug,
+    check_text,
+    is_valid_user_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,49 +86,21 @@ class StaleSnapshot:
     parts: int
 
 
-class AudienceStore(Protocol):
-    async def apply(self, change: AudienceChange) -> AudienceInfo | None:
-        """Apply one change in its own transaction (None: a snapshot part was staged)."""
-        ...
-
-    async def apply_batch(
-        self, topic: str, partition: int, changes: Sequence[tuple[int, AudienceChange | None]]
-    ) -> int:
-        """Apply Kafka messages ``(offset, change)`` of one partition in one transaction
-        with the partition's next offset; skip offsets already applied.  A None change
-        (a message set aside) only moves the offset.  Returns how many were applied."""
-        ...
-
-    async def next_offsets(self, topic: str) -> dict[int, int]: ...
-
-    async def get(self, key: AudienceKey) -> AudienceInfo | None: ...
-
-    async def discard_stale_parts(self, older_than_s: float) -> list[StaleSnapshot]: ...
-
-
 # -- rules --------------------------------------------------------------------------
 
 
 def audience_key(merchant_id: int, segment_type: str) -> AudienceKey:
-    if not USER_ID_MIN <= merchant_id <= USER_ID_MAX:
-        raise InvalidRequest(
-            "merchant_id must be an integer in 1..2^63-1", {"merchant_id": merchant_id}
-        )
-    if not is_valid_slug(segment_type):
-        raise InvalidRequest(
-            "segment_type must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,127}",
-            {"segment_type": segment_type},
-        )
-    return AudienceKey(merchant_id, segment_type)
+    check_id(merchant_id, "merchant_id", ID_RANGE_SHORT)
+    return AudienceKey(merchant_id, check_slug(segment_type, "segment_type"))
 
 
 def check_ids(ids: Sequence[int], field_name: str, limit: int) -> None:
     if len(ids) > limit:
         raise InvalidRequest(f"{field_name} holds at most {limit} ids", {"limit": limit})
     for cid in ids:
-        if not USER_ID_MIN <= cid <= USER_ID_MAX:
+        if not is_valid_user_id(cid):
             raise InvalidRequest(
-                f"{field_name}: customer ids are integers in 1..2^63-1", {"customer_id": cid}
+                f"{field_name}: customer ids are integers in {ID_RANGE_SHORT}", {"customer_id": cid}
             )
 
 

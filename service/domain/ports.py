@@ -1,11 +1,18 @@
-"""What the domain needs from the outside world.  Adapters in ``persistence/`` and
-``cache/`` implement these; tests use in-memory fakes of them."""
+"""What the domain needs from the outside world, in one place.  Adapters in
+``persistence/``, ``cache/`` and ``service/cp/`` implement these; tests use in-memory
+fakes of them (``tests/fakes.py``).
+
+Each service asks for the narrow port it uses (``Store``, ``ReconcileStore``,
+``AudienceStore``...); the composition root (``service/bootstrap.py``) holds each
+server through the union of them (``Database``, ``CacheServer``, ``CpConnection``),
+which also says how to ping and close it.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from service.domain.history import ExplainInputs
 from service.domain.model import (
@@ -16,6 +23,17 @@ from service.domain.model import (
     UserChange,
     UserState,
 )
+
+if TYPE_CHECKING:  # records only; importing them here at run time would be circular
+    from service.domain.audiences import (
+        AudienceChange,
+        AudienceInfo,
+        AudienceKey,
+        StaleSnapshot,
+    )
+    from service.domain.promos.model import Claim, Cleanup, CustomerCounts, Promo
+
+# -- segments and memberships --------------------------------------------------------
 
 
 class HistorySource(Protocol):
@@ -67,6 +85,12 @@ class Store(Protocol):
 
     async def user_state(self, user_id: int) -> UserState: ...
 
+    async def user_states_for_read(
+        self, user_ids: Sequence[int]
+    ) -> tuple[dict[int, UserState], int]:
+        """The users' states and the registry's version, from one snapshot."""
+        ...
+
     async def user_states_of(self, user_ids: Sequence[int]) -> list[UserState]: ...
 
     async def sweep_expired(self, limit: int) -> list[UserState]:
@@ -114,6 +138,10 @@ class Cache(Protocol):
         """Give the lease up (a rebuild that failed), so the next one need not wait."""
         ...
 
+    async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:
+        """Users up to ``upto_user_id`` are written by this rebuild: reads may use them."""
+        ...
+
     async def finish_rebuild(self, generation: str) -> bool:
         """Mark the cache complete, unless it was flushed since ``begin_rebuild``."""
         ...
@@ -123,6 +151,65 @@ class Cache(Protocol):
     async def invalidate(self) -> None:
         """Drop the completeness marker so readers fall back until the next rebuild."""
         ...
+
+
+class ReconcileStore(Protocol):
+    """What the reconciler reads of PostgreSQL to repair the Redis copy."""
+
+    async def drain_outbox(
+        self, limit: int, min_age_s: float, apply: Callable[[list[UserState]], Awaitable[None]]
+    ) -> int: ...
+
+    async def scan_versions(
+        self, after_user_id: int, limit: int
+    ) -> list[tuple[int, int, bool]]: ...
+
+    async def user_states_of(self, user_ids: Sequence[int]) -> list[UserState]: ...
+
+
+class ReconcileCache(Protocol):
+    """What the reconciler compares and repairs in Redis."""
+
+    async def write_users(self, states: Sequence[UserState]) -> None: ...
+
+    async def versions(self, user_ids: Sequence[int]) -> list[int | None]: ...
+
+    async def record_reconcile(
+        self, found: int, repaired: int, confirmed_at: float | None
+    ) -> None: ...
+
+    async def freshness(self) -> dict[str, float]:
+        """What ``record_reconcile`` last kept (``synchronized_on`` and the divergence
+        counters), for the probes and the cache gauges."""
+        ...
+
+    async def is_complete(self) -> bool: ...
+
+
+# -- merchant audiences ---------------------------------------------------------------
+
+
+class AudienceStore(Protocol):
+    async def apply(self, change: AudienceChange) -> AudienceInfo | None:
+        """Apply one change in its own transaction (None: a snapshot part was staged)."""
+        ...
+
+    async def apply_batch(
+        self, topic: str, partition: int, changes: Sequence[tuple[int, AudienceChange | None]]
+    ) -> int:
+        """Apply Kafka messages ``(offset, change)`` of one partition in one transaction
+        with the partition's next offset; skip offsets already applied.  A None change
+        (a message set aside) only moves the offset.  Returns how many were applied."""
+        ...
+
+    async def next_offsets(self, topic: str) -> dict[int, int]: ...
+
+    async def get(self, key: AudienceKey) -> AudienceInfo | None: ...
+
+    async def discard_stale_parts(self, older_than_s: float) -> list[StaleSnapshot]: ...
+
+
+# -- promo syncs ------------------------------------------------------------------------
 
 
 class CpGateway(Protocol):
@@ -161,3 +248,145 @@ class CpGateway(Protocol):
     async def delete_segment(self, segment_id: str, *, deadline: float | None) -> None:
         """Delete the segment; an unknown segment counts as deleted."""
         ...
+
+
+class PromoStore(Protocol):
+    """Promo state, slot reservations and the sync ledger (PostgreSQL).  Every method
+    is one short transaction."""
+
+    async def claim(
+        self,
+        promo_id: str,
+        key: AudienceKey,
+        end_date: dt.date,
+        *,
+        threshold: int,
+        today: dt.date,
+        lease_s: float,
+        token: str,
+    ) -> Claim:
+        """Start an attempt: reserve the slots of customers entering the promo (under
+        the threshold), mark those leaving, take the lease.  Answers ``done`` when
+        nothing needs CP (unchanged, or nobody passed the threshold).  Raises
+        PromoConflict, PromoCancelled, SyncInProgress, AudienceNotFound, AudienceEmpty."""
+        ...
+
+    async def record_segment(self, promo_id: str, token: str, segment_id: str) -> bool:
+        """Remember the attempt's CP segment (for undo); False if the attempt lost its
+        lease."""
+        ...
+
+    async def complete(self, promo_id: str, token: str) -> tuple[Promo, list[int]] | None:
+        """Make the attempt's reservations count, release the leavers; the promo and the
+        customers whose counts changed.  None if the attempt lost its lease."""
+        ...
+
+    async def fail(
+        self,
+        promo_id: str,
+        token: str,
+        error: str,
+        external_id: str | None,
+        segment_id: str | None,
+    ) -> tuple[list[Cleanup], list[int]]:
+        """Undo the attempt (if it still holds the promo): release every slot of the
+        promo, state ``failed``, and list its CP segments for deletion.  The attempt's
+        own segment (``external_id``, when given) is listed in any case.  Returns the
+        promo's pending clean-ups and the customers whose counts changed."""
+        ...
+
+    async def cancel(self, promo_id: str) -> tuple[list[Cleanup], list[int]]:
+        """State ``cancelled``, slots released, the CP segment listed for deletion.
+        Raises PromoNotFound, SyncInProgress."""
+        ...
+
+    async def get(self, promo_id: str) -> Promo | None: ...
+
+    async def expired_attempts(self, limit: int) -> list[tuple[str, str]]:
+        """(promo_id, token) of attempts whose lease has passed (a crash or a stall)."""
+        ...
+
+    async def pending_cleanups(self, limit: int) -> list[Cleanup]: ...
+
+    async def cleanup_done(self, cleanup_id: int) -> None: ...
+
+    async def cleanup_failed(self, cleanup_id: int, error: str) -> None: ...
+
+    async def counts_of(self, customer_ids: Sequence[int], today: dt.date) -> list[CustomerCounts]:
+        """Each customer's counted promos and version, in one snapshot."""
+        ...
+
+    async def confirm_mirrored(self, counts: Sequence[CustomerCounts]) -> None:
+        """Drop outbox rows the mirror now holds (at their version or newer)."""
+        ...
+
+    async def counter_outbox(self, min_age_s: float, limit: int) -> list[int]: ...
+
+    async def active_sync_count(self, customer_id: int, today: dt.date) -> int: ...
+
+    async def counter_versions(
+        self, after_customer_id: int, limit: int, today: dt.date
+    ) -> list[tuple[int, int, bool]]:
+        """(customer_id, version, counted in any active promo), in id order."""
+        ...
+
+    def all_counts(self, today: dt.date, batch: int) -> AsyncIterator[list[CustomerCounts]]:
+        """Every customer with an active count, in batches (for mirror rebuilds)."""
+        ...
+
+
+class CounterMirror(Protocol):
+    """The Redis copy of the per-customer counts; writes are versioned."""
+
+    async def write_counts(self, counts: Sequence[CustomerCounts]) -> None: ...
+
+    async def synced_count(self, customer_id: int, now: float) -> int | None:
+        """None when the copy is not complete (the caller asks PostgreSQL)."""
+        ...
+
+    async def count_versions(self, customer_ids: Sequence[int]) -> list[int | None]: ...
+
+
+# -- whole servers: how the composition root holds each adapter ------------------------
+
+
+class StoreFigures(Protocol):
+    """Operational figures of PostgreSQL, for metrics only: no answer depends on them."""
+
+    async def count_users(self) -> int:
+        """Users PostgreSQL knows (may be estimated when there are many)."""
+        ...
+
+    async def outbox_backlog(self) -> dict[str, tuple[int, float]]:
+        """Each outbox's rows (counted up to a cap) and the age of its oldest row in
+        seconds (0 when empty)."""
+        ...
+
+    def pool_counts(self) -> dict[str, int]:
+        """The connection pool's gauges and the write path's running counts."""
+        ...
+
+
+class Database(Store, HistorySource, ReconcileStore, Protocol):
+    """PostgreSQL as the services use it (``PgStore``)."""
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class CacheServer(Cache, ReconcileCache, CounterMirror, Protocol):
+    """Redis as the services use it (``RedisCache``)."""
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class CpConnection(CpGateway, Protocol):
+    """CP as the services use it (``CpClient``), with its call counts for metrics."""
+
+    @property
+    def calls(self) -> Mapping[str, int]: ...
+
+    async def close(self) -> None: ...

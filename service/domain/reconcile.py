@@ -10,40 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-from service.domain.model import UserState
 from service.domain.pacing import Pacer
+from service.domain.ports import ReconcileCache, ReconcileStore
 from service.domain.promos import PromoService
 from service.domain.service import SegmentService
 
 log = logging.getLogger(__name__)
-
-
-class ReconcileStore(Protocol):
-    async def drain_outbox(
-        self, limit: int, min_age_s: float, apply: Callable[[list[UserState]], Awaitable[None]]
-    ) -> int: ...
-
-    async def scan_versions(
-        self, after_user_id: int, limit: int
-    ) -> list[tuple[int, int, bool]]: ...
-
-    async def user_states_of(self, user_ids: Sequence[int]) -> list[UserState]: ...
-
-
-class ReconcileCache(Protocol):
-    async def write_users(self, states: Sequence[UserState]) -> None: ...
-
-    async def versions(self, user_ids: Sequence[int]) -> list[int | None]: ...
-
-    async def record_reconcile(
-        self, found: int, repaired: int, confirmed_at: float | None
-    ) -> None: ...
-
-    async def is_complete(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from service.domain import history
 from service.domain.errors import DomainError, InvalidRequest
 from service.domain.ports import HistorySource
-from service.domain.rules import USER_ID_MAX, USER_ID_MIN, is_valid_user_id
+from service.domain.rules import ID_RANGE_SHORT, bad_id, is_valid_user_id
 
 _PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 CSV_HEADER = ("user_id", "segment", "operation", "timestamp")
@@ -125,7 +125,7 @@ def verify_link(secret: bytes, token: str, now: float) -> tuple[str, int | None]
     year, month, user_id, expires = _CLAIMS.unpack(
         _xor(sealed, _keystream(_key(secret, b"enc"), nonce, len(sealed)))
     )
-    if not (1 <= month <= 12 and (user_id == 0 or USER_ID_MIN <= user_id <= USER_ID_MAX)):
+    if not (1 <= month <= 12 and (user_id == 0 or is_valid_user_id(user_id))):
         raise LinkInvalid("this report link is not valid")
     if now >= expires:
         raise LinkExpired("this report link has expired; ask for a new one")
@@ -151,7 +151,7 @@ class HistoryReports:
         now = self._clock()
         parse_period(period, dt.datetime.fromtimestamp(now, dt.UTC))
         if user_id is not None and not is_valid_user_id(user_id):
-            raise InvalidRequest("user_id must be an integer in 1..2^63-1", {"user_id": user_id})
+            raise bad_id("user_id", user_id, ID_RANGE_SHORT)
         expires_at = now + self._ttl
         return sign_link(self._secret, period, user_id, expires_at), expires_at
 
@@ -178,5 +178,5 @@ class HistoryReports:
         """Why a user is (or is not) in each live segment that includes them or has an
         override for them."""
         if not is_valid_user_id(user_id):
-            raise InvalidRequest("user_id must be an integer in 1..2^63-1", {"user_id": user_id})
+            raise bad_id("user_id", user_id, ID_RANGE_SHORT)
         return history.explain(await self._store.explain_inputs(user_id))

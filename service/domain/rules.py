@@ -15,11 +15,25 @@ from service.domain.errors import InvalidRequest
 from service.domain.model import AddItem, Registry, UserChange
 
 SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# The pattern as error messages quote it (without the anchors).
+SLUG_SHAPE = SLUG_PATTERN.removeprefix("^").removesuffix("$")
 # fullmatch, because `$` also matches before a trailing newline.
-_SLUG_RE = re.compile(SLUG_PATTERN.removeprefix("^").removesuffix("$"))
+_SLUG_RE = re.compile(SLUG_SHAPE)
 
+# User, customer and merchant ids: positive 64-bit integers (PostgreSQL's bigint).
 USER_ID_MIN = 1
 USER_ID_MAX = 2**63 - 1
+# How error messages write that range: in full where the API checks a user id, as
+# 2^63-1 where the audience, promo and report rules check theirs (both kept as clients
+# have always read them).
+ID_RANGE = f"{USER_ID_MIN}..{USER_ID_MAX}"
+ID_RANGE_SHORT = "1..2^63-1"
+
+# Items per add / remove list and ids per batch read: the API's schemas refuse more,
+# and SEGMENTS_MAX_LIST_LENGTH may only lower it.
+MAX_LIST_ITEMS = 1000
+# Customer ids in one audience change (an HTTP body or a Kafka message).
+MAX_AUDIENCE_IDS = 1_000_000
 
 # Bounds of a membership's time to live.
 TTL_MIN_S = 1
@@ -35,6 +49,25 @@ def is_valid_slug(slug: str) -> bool:
 
 def is_valid_user_id(user_id: int) -> bool:
     return USER_ID_MIN <= user_id <= USER_ID_MAX
+
+
+def bad_id(field: str, value: object, id_range: str = ID_RANGE) -> InvalidRequest:
+    """The refusal of an id out of range (``value`` as the client gave it)."""
+    return InvalidRequest(f"{field} must be an integer in {id_range}", {field: value})
+
+
+def check_id(value: int, field: str, id_range: str = ID_RANGE) -> int:
+    """``value`` if it is a valid user, customer or merchant id, else ``bad_id``."""
+    if not USER_ID_MIN <= value <= USER_ID_MAX:
+        raise bad_id(field, value, id_range)
+    return value
+
+
+def check_slug(value: str, field: str) -> str:
+    """``value`` if it is a valid slug (segment, segment type, promo id)."""
+    if not is_valid_slug(value):
+        raise InvalidRequest(f"{field} must match {SLUG_SHAPE}", {field: value})
+    return value
 
 
 def check_text(value: str, field: str, max_length: int = 1000) -> None:
@@ -76,10 +109,7 @@ def validate_change(
     max_items: int,
 ) -> UserChange:
     """Check a user's change as a whole; any broken rule rejects all of it."""
-    if not is_valid_user_id(user_id):
-        raise InvalidRequest(
-            f"user_id must be an integer in {USER_ID_MIN}..{USER_ID_MAX}", {"user_id": user_id}
-        )
+    check_id(user_id, "user_id")
     if len(add) > max_items or len(remove) > max_items:
         raise InvalidRequest(f"add and remove hold at most {max_items} items each")
     add_slugs = [item.slug for item in add]

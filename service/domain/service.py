@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,71 @@ log = logging.getLogger(__name__)
 _REBUILD_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 
 
+# Users per PostgreSQL query of the fallback read.
+_FALLBACK_BATCH = 500
+
+_Answer = tuple[UserState, int]
+
+
+class _FallbackReads:
+    """Reads answered from PostgreSQL, many users a query: the reads that arrive while
+    every permitted query is under way wait and go together in the next one.  One
+    statement per query (one snapshot), sent after every read it answers arrived, so a
+    read never answers older than a write acknowledged before it."""
+
+    def __init__(
+        self,
+        fetch: Callable[[Sequence[int]], Awaitable[tuple[dict[int, UserState], int]]],
+        permits: asyncio.Semaphore,
+        runners: int,
+    ) -> None:
+        self._fetch = fetch
+        self._permits = permits
+        self._runners = runners
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = 0
+        self._waiting: dict[int, list[asyncio.Future[_Answer]]] = {}
+
+    async def read(self, user_id: int) -> _Answer:
+        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(user_id, []).append(future)
+        if self._running < self._runners:
+            # Counted here and uncounted as the runner returns (not in a done callback,
+            # which runs later): a read never waits for a runner that has left.
+            self._running += 1
+            task = asyncio.create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self._running -= 1
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            async with self._permits:
+                if not self._waiting:
+                    return
+                ids = list(itertools.islice(self._waiting, _FALLBACK_BATCH))
+                batch = {uid: self._waiting.pop(uid) for uid in ids}
+                try:
+                    states, registry_version = await self._fetch(ids)
+                except Exception as exc:  # every read of the batch gets the failure
+                    for futures in batch.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(exc)
+                    continue
+            for uid, futures in batch.items():
+                answer = (states.get(uid) or UserState(uid, 0), registry_version)
+                for f in futures:
+                    if not f.done():  # its caller may have gone away
+                        f.set_result(answer)
+
+
 @dataclass(frozen=True, slots=True)
 class AddRequest:
     """One item of an ``add`` list before its expiry is resolved."""
@@ -44,7 +110,7 @@ class SegmentService:
         cache: Cache,
         *,
         clock: Callable[[], float] = time.time,
-        max_items: int = 1000,
+        max_items: int = rules.MAX_LIST_ITEMS,
         fallback_concurrency: int = 16,
         rebuild_batch: int = 5000,
         rebuild_lease_s: float = 30.0,
@@ -57,6 +123,9 @@ class SegmentService:
         self._clock = clock
         self._max_items = max_items
         self._fallback = asyncio.Semaphore(fallback_concurrency)
+        self._fallback_reads = _FallbackReads(
+            store.user_states_for_read, self._fallback, fallback_concurrency
+        )
         self._rebuild_batch = rebuild_batch
         self._rebuild_lease_s = rebuild_lease_s
         self._rebuild_max_users_per_s = rebuild_max_users_per_s
@@ -166,10 +235,7 @@ class SegmentService:
 
     async def user_segments(self, user_id: int) -> list[str]:
         if not rules.is_valid_user_id(user_id):
-            raise InvalidRequest(
-                f"user_id must be an integer in {rules.USER_ID_MIN}..{rules.USER_ID_MAX}",
-                {"user_id": user_id},
-            )
+            raise rules.bad_id("user_id", user_id)
         now = self._clock()
         cached = None
         if (
@@ -203,7 +269,7 @@ class SegmentService:
         bad = [uid for uid in user_ids if not rules.is_valid_user_id(uid)]
         if bad:
             raise InvalidRequest(
-                f"user ids must be integers in {rules.USER_ID_MIN}..{rules.USER_ID_MAX}",
+                f"user ids must be integers in {rules.ID_RANGE}",
                 {"user_ids": bad[:10]},
             )
         if len(user_ids) > self._max_items:
@@ -236,8 +302,10 @@ class SegmentService:
     ) -> dict[int, list[str]]:
         self.reads_from_store += 1
         async with self._fallback:
-            registry = await self._store.registry()
-            states = {s.user_id: s for s in await self._store.user_states_of(user_ids)}
+            states, registry_version = await self._store.user_states_for_read(user_ids)
+        registry = self._registry
+        if registry.version != registry_version:
+            registry = await self._registry_from_store(registry_version)
         out = {}
         for uid in user_ids:
             state = states.get(uid, UserState(uid, 0))
@@ -248,9 +316,12 @@ class SegmentService:
     async def _read_from_store(self, user_id: int, now: float) -> list[str]:
         """Answer from PostgreSQL while the cache is incomplete or unreachable."""
         self.reads_from_store += 1
-        async with self._fallback:
-            registry = await self._store.registry()
-            state = await self._store.user_state(user_id)
+        # The state and the registry's version; the registry itself only when that
+        # version is not the one this process holds.
+        state, registry_version = await self._fallback_reads.read(user_id)
+        registry = self._registry
+        if registry.version != registry_version:
+            registry = await self._registry_from_store(registry_version)
         live = [m.segment_id for m in state.memberships if m.expires_at > now]
         return rules.visible_slugs(registry, user_id, live, state.excluded)
 
@@ -307,6 +378,17 @@ class SegmentService:
             if registry is None or registry.version < seen_version:
                 registry = await self._store.registry()
             self._registry = registry
+            return registry
+
+    async def _registry_from_store(self, seen_version: int) -> Registry:
+        """The registry from PostgreSQL, kept for the next reads, at least as new as
+        ``seen_version``."""
+        async with self._registry_lock:
+            if self._registry.version == seen_version:
+                return self._registry
+            registry = await self._store.registry()
+            if registry.version >= self._registry.version:
+                self._registry = registry
             return registry
 
     def add_rebuild_phase(self, phase: Callable[[], Awaitable[None]]) -> None:
@@ -368,7 +450,7 @@ class SegmentService:
                 if not await self._cache.renew_rebuild(generation, self._rebuild_lease_s):
                     log.warning("cache rebuild lost its lease; another process continues")
                     return False
-                writing = asyncio.create_task(self._write_rebuild_batch(batch))
+                writing = asyncio.create_task(self._write_rebuild_batch(batch, generation))
                 users += len(batch)
                 if self.rebuild_progress is not None:
                     await self.rebuild_progress(users)
@@ -397,19 +479,29 @@ class SegmentService:
         )
         return done
 
-    async def _write_rebuild_batch(self, batch: Sequence[UserState]) -> None:
+    async def _write_rebuild_batch(self, batch: Sequence[UserState], generation: str) -> None:
         """One batch of a rebuild, tried again after a failure: one Redis reply slower
         than the read timeout must not throw away a rebuild of millions of users (at
         10 million it did, on a busy machine); the writes are versioned, so repeating
-        them is harmless.  Redis still failing after the retries ends the rebuild."""
+        them is harmless.  Redis still failing after the retries ends the rebuild.
+
+        Then the batch's last user is marked as reached (batches come in user order), so
+        reads of the users behind it are answered from Redis rather than PostgreSQL
+        while the rest is written."""
         for delay in _REBUILD_RETRY_DELAYS_S:
             try:
                 await self._cache.write_users(batch)
-                return
+                break
             except CacheUnavailable as exc:
                 log.warning("cache rebuild: a batch write failed (%s); again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-        await self._cache.write_users(batch)
+        else:
+            await self._cache.write_users(batch)
+        try:
+            await self._cache.mark_rebuilt(generation, batch[-1].user_id)
+        except CacheUnavailable as exc:
+            # Not worth the rebuild: the next batch's mark covers this one's users.
+            log.warning("cache rebuild: marking progress failed (%s)", exc)
 
     def _give_up_lease(self, generation: str | None) -> None:
         """A failed rebuild releases its lease, so the next one (the next read of the

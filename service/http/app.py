@@ -28,9 +28,9 @@ from service.http.middleware import (
     observing,
     parse_access_log,
     parse_tokens,
-    scope_for,
 )
 from service.http.openapi import build_openapi
+from service.http.routes import Views, route_defs, route_scopes, scope_of
 from service.http.serving import FRONT_DOOR, HOT_ROUTE, FrontDoor
 from service.observability import (
     RequestMetrics,
@@ -142,6 +142,29 @@ class Probes:
         return web.json_response(body, status=code)
 
 
+class Site:
+    """The routes beside the API: metrics, and the API's document and Swagger page."""
+
+    def __init__(self, probes: Probes) -> None:
+        self._probes = probes
+        self._openapi = orjson.dumps(build_openapi())
+
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        await self._probes.refresh_gauges()
+        request.app.get(SYNC_METRICS, flush_request_metrics)()
+        body, content_type = metrics_text()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def docs(self, request: web.Request) -> web.Response:
+        return web.Response(text=DOCS_PAGE, content_type="text/html")
+
+    async def docs_init(self, request: web.Request) -> web.Response:
+        return web.Response(text=DOCS_INIT, content_type="application/javascript")
+
+
 def create_app(
     *,
     segments: SegmentService,
@@ -165,57 +188,15 @@ def create_app(
     app = web.Application(middlewares=[observe(access), *layers], client_max_size=limit * 2)
     h = Handlers(segments, reports, settings.max_body_bytes, settings.public_base_url)
     hot_metrics = RequestMetrics("GET", HOT_ROUTE)
-    # The door's one route: the same checks as the app's layers, made inside observe.
-    scope = scope_for(HOT_ROUTE, "GET")
+    # The door's one route: the same checks as the app's layers, made inside observe
+    # (its scope looked up once, here).
+    scope = scope_of("GET", HOT_ROUTE)
     gate = gates(auth.gate(scope) if auth and scope else None, limiter.check if limiter else None)
     front = observing(lambda _: hot_metrics, access, gate)
     app[FRONT_DOOR] = FrontDoor([front], h.user_segments)
     a = AudienceHandlers(audiences, promos, settings.max_audience_body_bytes)
-    customers = "/internal/v1/merchants/{merchant_id}/segments/{segment_type}/customers"
-    openapi = orjson.dumps(build_openapi())
-
-    async def openapi_json(request: web.Request) -> web.Response:
-        return web.Response(body=openapi, content_type="application/json")
-
-    async def metrics(request: web.Request) -> web.Response:
-        await probes.refresh_gauges()
-        request.app.get(SYNC_METRICS, flush_request_metrics)()
-        body, content_type = metrics_text()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def docs(request: web.Request) -> web.Response:
-        return web.Response(text=DOCS_PAGE, content_type="text/html")
-
-    async def docs_init(request: web.Request) -> web.Response:
-        return web.Response(text=DOCS_INIT, content_type="application/javascript")
-
-    app.add_routes(
-        [
-            web.post("/v1/segments", h.create_segment),
-            web.get("/v1/segments", h.list_segments),
-            web.get("/v1/segments/{slug}", h.get_segment),
-            web.patch("/v1/segments/{slug}", h.update_segment),
-            web.delete("/v1/segments/{slug}", h.delete_segment),
-            web.post("/v1/users/segments:batch", h.batch_user_segments),
-            web.post("/v1/users/{user_id}/segments", h.update_user_segments),
-            web.get(HOT_ROUTE, h.get_user_segments),
-            web.get(HOT_ROUTE + ":explain", h.explain_user_segments),
-            web.put(customers, a.replace),
-            web.patch(customers, a.patch),
-            web.get("/v1/merchants/{merchant_id}/segments/{segment_type}", a.get),
-            web.post("/v1/merchants/{merchant_id}/segments/{segment_type}/sync", a.sync),
-            web.get("/v1/promos/{promo_id}", a.promo),
-            web.delete("/v1/promos/{promo_id}", a.cancel_promo),
-            web.get("/v1/customers/{customer_id}/sync-count", a.sync_count),
-            web.post("/v1/reports/history", h.create_report),
-            web.get("/v1/reports/history/{token}", h.download_report),
-            web.get("/healthz", probes.healthz),
-            web.get("/readyz", probes.readyz),
-            web.get("/metrics", metrics),
-            web.get("/openapi.json", openapi_json),
-            web.get("/docs", docs),
-            web.get("/docs/init.js", docs_init),
-            web.static("/docs/static", SWAGGER_STATIC),
-        ]
-    )
+    app.add_routes(route_defs(Views(h, a, probes, Site(probes))))
+    app.router.add_static("/docs/static", SWAGGER_STATIC)
+    if auth is not None:
+        auth.scopes = route_scopes(app.router)
     return app

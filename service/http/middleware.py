@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import random
 from time import perf_counter
 
@@ -222,25 +222,19 @@ def parse_tokens(raw: str) -> dict[str, Caller]:
     return callers
 
 
-def required_scope(request: web.Request) -> str | None:
-    """The scope a route needs; None for the open ones."""
-    return scope_for(request.path, request.method)
-
-
-def scope_for(path: str, method: str) -> str | None:
-    """The scope ``method path`` needs (the OpenAPI document's ``security`` too)."""
+def scope_for_unmatched(path: str, method: str) -> str | None:
+    """The scope asked of a request that matched no route of the table (routes.py):
+    the nearest route's by path, so an unknown path or method answers 401 or 403 to a
+    caller who may not use its neighbours, and 404 or 405 only to one who may."""
     if path.startswith(OPEN_PATHS):
         return None
     if path.startswith("/internal/"):
         return "internal"
     if path.startswith("/v1/reports/"):
-        # A report link opens on its own: its token is the credential (encrypted,
-        # authenticated, expiring).  Asking for one needs the scope.
         if method in ("GET", "HEAD") and path.startswith("/v1/reports/history/"):
             return None
         return "reports"
     if (path.endswith("/sync") and method == "POST") or path.startswith("/v1/promos/"):
-        # What MPS does: sync, read and cancel promos.
         return "sync"
     if method in ("GET", "HEAD") or path == "/v1/users/segments:batch":
         return "read"
@@ -272,6 +266,9 @@ def _digest(token: str) -> bytes:
 class Auth:
     callers: Mapping[str, Caller]
     open_reads: bool = False
+    # The scope of each route, by the route object in aiohttp's match info
+    # (routes.route_scopes, set once the app is routed).
+    scopes: Mapping[web.AbstractRoute, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Callers by the SHA-256 of their token: a presented token is hashed once and
@@ -284,7 +281,11 @@ class Auth:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        scope = required_scope(request)
+        route = request.match_info.route
+        if route in self.scopes:
+            scope = self.scopes[route]
+        else:
+            scope = scope_for_unmatched(request.path, request.method)
         if scope is not None:
             refused = self.check(request, scope)
             if refused is not None:

@@ -9,9 +9,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from service.domain.rules import SLUG_PATTERN, TTL_MAX_S, TTL_MIN_S, USER_ID_MAX, USER_ID_MIN
-
-MAX_ITEMS = 1000
+from service.domain.rules import (
+    MAX_AUDIENCE_IDS,
+    MAX_LIST_ITEMS,
+    SLUG_PATTERN,
+    TTL_MAX_S,
+    TTL_MIN_S,
+    USER_ID_MAX,
+    USER_ID_MIN,
+)
 
 # Free text is stored in PostgreSQL, which cannot hold U+0000.
 Text = Annotated[str, Meta(max_length=1000, pattern="^[^\\x00]*$")]
@@ -61,15 +67,17 @@ class SegmentList(Struct):
     segments: list[SegmentOut]
 
 
-class AddItem(Struct, forbid_unknown_fields=True):
+class AddItemIn(Struct, forbid_unknown_fields=True):
+    """One item of ``add`` with an expiry (the domain's ``model.AddItem`` once resolved)."""
+
     slug: Slug
     ttl_seconds: Annotated[int, Meta(ge=TTL_MIN_S, le=TTL_MAX_S)] | None = None
     expires_at: Annotated[dt.datetime, Meta(tz=True)] | None = None
 
 
 class UserSegmentsUpdate(Struct, forbid_unknown_fields=True):
-    add: Annotated[list[Slug | AddItem], Meta(max_length=MAX_ITEMS)] = []
-    remove: Annotated[list[Slug], Meta(max_length=MAX_ITEMS)] = []
+    add: Annotated[list[Slug | AddItemIn], Meta(max_length=MAX_LIST_ITEMS)] = []
+    remove: Annotated[list[Slug], Meta(max_length=MAX_LIST_ITEMS)] = []
 
 
 class UserSegments(Struct):
@@ -110,7 +118,6 @@ class ReportLink(Struct):
     expires_at: dt.datetime
 
 
-MAX_AUDIENCE_IDS = 1_000_000
 CustomerId = Annotated[int, Meta(ge=USER_ID_MIN, le=USER_ID_MAX)]
 
 
@@ -164,7 +171,7 @@ class SyncCount(Struct):
 
 
 class BatchRead(Struct, forbid_unknown_fields=True):
-    user_ids: Annotated[list[UserId], Meta(max_length=MAX_ITEMS)]
+    user_ids: Annotated[list[UserId], Meta(max_length=MAX_LIST_ITEMS)]
 
 
 class BatchSegments(Struct):
@@ -184,7 +191,3 @@ class ErrorBody(Struct):
 class Health(Struct):
     status: str
     checks: dict[str, Any] = {}
-
-
-def decoder(kind: type[Any]) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(kind)

@@ -8,7 +8,7 @@ skipped, so a re-delivered batch changes nothing the second time.  On assignment
 the consumer seeks to the positions PostgreSQL holds.
 
 Every message gets a verdict, whatever its bytes: applied (or staged behind a snapshot,
-see ``persistence/audiences.py``), skipped as a re-delivery, or dead-lettered with its
+see ``persistence/audiences/``), skipped as a re-delivery, or dead-lettered with its
 reason.  An unexpected error while decoding one message dead-letters that message
 (reason ``internal error: ...``).  A dead-letter record the DLQ refuses as too large is
 sent again with the start of the value and key only (headers ``truncated``,

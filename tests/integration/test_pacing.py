@@ -8,7 +8,7 @@ import time
 import asyncpg
 import pytest
 
-import persistence.audiences
+import persistence.audiences.members
 from persistence.audiences import PgAudienceStore
 from service.bootstrap import Container
 from service.domain.audiences import AudienceChange, AudienceKey
@@ -69,7 +69,7 @@ async def test_a_paced_rebuild_takes_its_time_and_completes(
 async def test_a_paced_replace_copies_in_slices_in_one_transaction(
     clean: Container, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(persistence.audiences, "PACED_COPY_ROWS", 7)
+    monkeypatch.setattr(persistence.audiences.members, "PACED_COPY_ROWS", 7)
     store = PgAudienceStore(clean.store, max_members_per_s=100)
     key = AudienceKey(7, "PACED")
     ids = list(range(1000, 1030))

@@ -103,7 +103,7 @@ async def test_aiohttp_requests_go_through_the_replaced_request_handler() -> Non
 
 # --- prometheus-client: a histogram child's _sum and _buckets, a metric's _name ----------
 
-OBSERVABILITY = "service/observability.py (RequestMetrics.flush)"
+OBSERVABILITY = "service/observability/bridge.py (RequestMetrics.flush)"
 BUCKETS = (0.01, 0.1, 1.0)
 
 
@@ -207,7 +207,7 @@ def test_prometheus_metric_name_attribute() -> None:
                 broken(
                     PROMETHEUS,
                     f"{type(metric).__name__}._name",
-                    "service/observability.py (metrics_text)",
+                    "service/observability/exposition.py (metrics_text)",
                     f"{name!r}, while collect() reports the family {family.name!r}",
                 )
             )

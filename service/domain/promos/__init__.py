@@ -20,12 +20,13 @@ reserved by attempts in flight count too.  The seed's "skip customers with more 
 threshold synced segments" is ``count >= T`` here: a customer already in ``T`` promos is
 skipped, so nobody is ever counted in more than ``T``.
 
-The package: ``model`` (errors, records, rules), ``ports`` (``PromoStore``,
-``CounterMirror``), ``sync`` (``PromoService``: an attempt, cancel, status), ``counts``
-(sync counts and their Redis mirror) and ``upkeep`` (the reconciler's part), which
-``PromoService`` inherits.
+The package: ``model`` (errors, records, rules), ``sync`` (``PromoService``: an
+attempt, cancel, status), ``counts`` (sync counts and their Redis mirror) and ``upkeep``
+(the reconciler's part), which ``PromoService`` inherits.  Its ports (``PromoStore``,
+``CounterMirror``) are with the others in ``service/domain/ports.py``.
 """
 
+from service.domain.ports import CounterMirror, PromoStore
 from service.domain.promos.counts import SyncCounts
 from service.domain.promos.model import (
     Attempt,
@@ -43,7 +44,6 @@ from service.domain.promos.model import (
     end_of_day,
     external_id,
 )
-from service.domain.promos.ports import CounterMirror, PromoStore
 from service.domain.promos.sync import PromoService
 from service.domain.promos.upkeep import PromoUpkeep
 

@@ -6,10 +6,10 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 
-from service.domain.errors import CacheUnavailable, InvalidRequest, StorageUnavailable
+from service.domain.errors import CacheUnavailable, StorageUnavailable
 from service.domain.log_throttle import ThrottledWarning
-from service.domain.promos.ports import CounterMirror, PromoStore
-from service.domain.rules import USER_ID_MAX, USER_ID_MIN
+from service.domain.ports import CounterMirror, PromoStore
+from service.domain.rules import ID_RANGE_SHORT, check_id
 
 # One logger for the package: records keep the name they had as one module.
 log = logging.getLogger(__package__)
@@ -28,10 +28,7 @@ class SyncCounts:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
 
     async def sync_count(self, customer_id: int) -> int:
-        if not USER_ID_MIN <= customer_id <= USER_ID_MAX:
-            raise InvalidRequest(
-                "customer_id must be an integer in 1..2^63-1", {"customer_id": customer_id}
-            )
+        check_id(customer_id, "customer_id", ID_RANGE_SHORT)
         now = self._clock()
         try:
             cached = await self._mirror.synced_count(customer_id, now)

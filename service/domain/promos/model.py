@@ -9,7 +9,7 @@ from typing import Literal
 
 from service.domain.audiences import AudienceKey
 from service.domain.errors import DomainError, InvalidRequest
-from service.domain.rules import is_valid_slug
+from service.domain.rules import check_slug
 
 PromoState = Literal["in_progress", "synced", "failed", "cancelled"]
 
@@ -98,11 +98,7 @@ def end_of_day(day: dt.date) -> dt.datetime:
 
 
 def check_promo_id(promo_id: str) -> str:
-    if not is_valid_slug(promo_id):
-        raise InvalidRequest(
-            "promo_id must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", {"promo_id": promo_id}
-        )
-    return promo_id
+    return check_slug(promo_id, "promo_id")
 
 
 def check_end_date(end_date: dt.date, today: dt.date, horizon_days: int) -> dt.date:

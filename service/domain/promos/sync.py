@@ -18,7 +18,7 @@ from service.domain.errors import (
     StorageUnavailable,
 )
 from service.domain.log_throttle import ThrottledWarning
-from service.domain.ports import CpGateway
+from service.domain.ports import CounterMirror, CpGateway, PromoStore
 from service.domain.promos.model import (
     Attempt,
     Promo,
@@ -27,7 +27,6 @@ from service.domain.promos.model import (
     check_promo_id,
     end_of_day,
 )
-from service.domain.promos.ports import CounterMirror, PromoStore
 from service.domain.promos.upkeep import PromoUpkeep
 
 # One logger for the package: records keep the name they had as one module.

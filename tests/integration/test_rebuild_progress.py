@@ -1,0 +1,117 @@
+"""Reads while the cache is being rebuilt: users the rebuild has written are answered
+from Redis, the others from PostgreSQL (docs/cache-format.md, "Completeness")."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from cache.redis_cache import RedisCache
+from service.bootstrap import Container
+from service.domain.model import Membership, Registry, RegistryEntry, UserState
+from service.domain.service import AddRequest, SegmentService
+
+
+async def test_progress_mark_answers_users_behind_it(clean: Container) -> None:
+    cache: RedisCache = clean.cache
+    await cache._r.flushall()
+    generation = await cache.begin_rebuild(30)
+    assert generation is not None
+    await cache.write_registry(Registry(3, {10: RegistryEntry("A", None)}))
+    await cache.write_users([UserState(5, 2, (Membership(10),))])
+    now = time.time()
+    assert await cache.read_user(5, now) is None  # no mark yet
+    assert await cache.mark_rebuilt(generation, 7)
+    assert (await cache.read_user(5, now)).member_ids == (10,)
+    assert (await cache.read_user(7, now)).member_ids == ()  # written: no segments
+    assert await cache.read_user(8, now) is None  # not reached yet
+    assert [c.member_ids for c in await cache.read_users([7, 5], now)] == [(), (10,)]
+    assert await cache.read_users([5, 8], now) is None
+    # A flush takes the mark with the users; the rebuild cannot put it back.
+    await cache._r.flushall()
+    await cache.write_registry(Registry(3, {10: RegistryEntry("A", None)}))
+    assert not await cache.mark_rebuilt(generation, 9)
+    assert await cache.read_user(5, now) is None
+    # Nor does a mark outlive its rebuild: a new one starts from nothing.
+    await cache.release_rebuild(generation)
+    again = await cache.begin_rebuild(30)
+    assert again is not None
+    assert await cache.mark_rebuilt(again, 9)
+    await cache.release_rebuild(again)
+    assert await cache.begin_rebuild(30) is not None
+    assert await cache.read_user(5, now) is None
+
+
+async def test_rebuild_in_progress_serves_rebuilt_users_from_redis(clean: Container) -> None:
+    writer = clean.segments
+    await writer.create_segment("a")
+    await writer.create_segment("b")
+    for uid in range(1, 31):
+        await writer.update_user(uid, [AddRequest("a")], [])
+    await clean.cache._r.flushall()
+
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def progress(users: int) -> None:
+        # Before the second batch is written the first is written and marked.
+        if users == 20:
+            paused.set()
+            await resume.wait()
+
+    rebuilder = SegmentService(clean.store, clean.cache, rebuild_batch=10)
+    rebuilder.rebuild_progress = progress
+    rebuild = asyncio.create_task(rebuilder.rebuild_cache())
+    await asyncio.wait_for(paused.wait(), 10)
+    assert not await clean.cache.is_complete()
+
+    # A reader in another process: it starts no rebuild of its own here.
+    reader = SegmentService(clean.store, clean.cache, rebuild_delay_s=60)
+    assert await reader.user_segments(3) == ["a"]
+    assert (reader.reads_from_cache, reader.reads_from_store) == (1, 0)
+    assert await reader.user_segments(25) == ["a"]
+    assert (reader.reads_from_cache, reader.reads_from_store) == (1, 1)
+    # Writes during the rebuild: on both sides of the mark, the next read has them.
+    await writer.update_user(3, [AddRequest("b")], ["a"])
+    await writer.update_user(25, [AddRequest("b")], [])
+    assert await reader.user_segments(3) == ["b"]
+    assert await reader.user_segments(25) == ["a", "b"]
+    assert (reader.reads_from_cache, reader.reads_from_store) == (2, 2)
+    # A segment created meanwhile shows in the answers from PostgreSQL too: the
+    # fallback follows the registry's version.
+    await writer.create_segment("c")
+    await writer.update_user(26, [AddRequest("c")], [])
+    assert await reader.user_segments(26) == ["a", "c"]
+
+    resume.set()
+    assert await asyncio.wait_for(rebuild, 30)
+    assert await reader.user_segments(25) == ["a", "b"]
+    assert await reader.user_segments(26) == ["a", "c"]
+    assert reader.reads_from_store == 3
+    if reader._rebuild_task is not None:  # asked for by the read of user 25, delayed
+        reader._rebuild_task.cancel()
+
+
+async def test_concurrent_fallback_reads_share_queries(clean: Container) -> None:
+    writer = clean.segments
+    await writer.create_segment("a")
+    for uid in range(1, 201):
+        await writer.update_user(uid, [AddRequest("a")] if uid % 2 else [], [])
+    await clean.cache.invalidate()
+    queries = 0
+    fetch = clean.store.user_states_for_read
+
+    async def counted(user_ids: Sequence[int]) -> tuple[dict[int, UserState], int]:
+        nonlocal queries
+        queries += 1
+        return await fetch(user_ids)
+
+    reader = SegmentService(clean.store, clean.cache, fallback_concurrency=2, rebuild_delay_s=60)
+    reader._fallback_reads._fetch = counted
+    answers = await asyncio.gather(*(reader.user_segments(uid) for uid in range(1, 201)))
+    assert answers == [["a"] if uid % 2 else [] for uid in range(1, 201)]
+    assert reader.reads_from_store == 200
+    # The first two go alone; the rest wait for them and go together.
+    assert queries <= 4
+    if reader._rebuild_task is not None:
+        reader._rebuild_task.cancel()
