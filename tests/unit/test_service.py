@@ -156,7 +156,7 @@ async def test_a_rebuild_writes_a_failed_batch_again(svc, monkeypatch) -> None: 
     await service.create_segment("A")
     await service.update_user(5, [AddRequest("A")], [])
     cache.flush()
-    monkeypatch.setattr("service.domain.service._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr("service.domain.cache_copy._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
     real = cache.write_users
     failures = 0
 
@@ -178,7 +178,7 @@ async def test_a_rebuild_ends_when_redis_keeps_failing(svc, monkeypatch) -> None
     await service.create_segment("A")
     await service.update_user(5, [AddRequest("A")], [])
     cache.flush()
-    monkeypatch.setattr("service.domain.service._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr("service.domain.cache_copy._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
     calls = 0
 
     async def down(states):  # type: ignore[no-untyped-def]
