@@ -1,0 +1,6 @@
+
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('ZSCORE', KEYS[i], 'v')
+end
+return out

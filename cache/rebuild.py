@@ -1,0 +1,71 @@
+"""The rebuild of the copy: its lease, its generation in the bucket metas and the
+progress mark that lets reads trust users already written."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+from cache import keys
+from cache.base import CacheBase, _guard
+
+
+class Rebuild(CacheBase):
+    """One process rebuilds at a time, under a lease; completion is marked per bucket."""
+
+    async def begin_rebuild(self, lease_s: float) -> str | None:
+        generation = secrets.token_hex(8)
+        async with _guard(self._errors):
+            if not await self._r.set(
+                keys.REBUILD_LEASE, generation, nx=True, px=int(lease_s * 1000)
+            ):
+                return None
+            # `building` lives in the meta hashes, so a FLUSHALL (or a shard restart)
+            # during the rebuild erases it and the rebuild cannot mark an incomplete
+            # copy as complete.  A mark left by an earlier rebuild goes first, so no
+            # read trusts it under the new generation.
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for meta in (keys.META, *keys.BUCKET_METAS):
+                        pipe.hdel(meta, "rebuilt_to")
+                        pipe.hset(meta, "building", generation)
+                    await pipe.execute()
+            except self._errors:
+                # Else the lease outlives this failed start by its whole term, and no
+                # process rebuilds meanwhile.
+                with contextlib.suppress(*self._errors):
+                    await self._call(self._release, [keys.REBUILD_LEASE], [generation])
+                raise
+        return generation
+
+    async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:
+        """Every user up to ``upto_user_id`` is written: reads may answer them from
+        Redis before the rebuild completes.  False when no bucket took the mark (they
+        were flushed since ``begin_rebuild``)."""
+        async with _guard(self._errors):
+            marked = await self._each_bucket(self._mark_progress, [generation, upto_user_id])
+        return any(marked)
+
+    async def renew_rebuild(self, generation: str, lease_s: float) -> bool:
+        async with _guard(self._errors):
+            return bool(
+                await self._call(
+                    self._renew, [keys.REBUILD_LEASE], [generation, int(lease_s * 1000)]
+                )
+            )
+
+    async def release_rebuild(self, generation: str) -> None:
+        async with _guard(self._errors):
+            await self._call(self._release, [keys.REBUILD_LEASE], [generation])
+
+    async def finish_rebuild(self, generation: str) -> bool:
+        async with _guard(self._errors):
+            run_ids = await self._run_ids()
+            marked = all(await self._each_bucket(self._mark_bucket, [generation]))
+            return bool(
+                await self._call(
+                    self._finish,
+                    [keys.META, keys.REBUILD_LEASE],
+                    [generation, run_ids, "1" if marked else "0"],
+                )
+            )
