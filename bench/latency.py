@@ -53,7 +53,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.measure import cpu_seconds
 from bench.openloop import OpenLoopResult, WriteMix, ZipfUsers, start_open_loop
-from bench.stack import bench_stack, server
+from bench.stack import bench_stack, copy_users, server
 from cache import keys
 from devstack import EmbeddedStack, descendants, free_port
 from service.bootstrap import Container, build
@@ -90,20 +90,7 @@ async def seed(env: dict[str, str], users: int, facts: int) -> float:
         registry = (await container.store.registry()).segments
         ids = sorted(registry)
         conn = await asyncpg.connect(env["SEGMENTS_DATABASE_URL"])
-        await conn.copy_records_to_table(
-            "memberships",
-            records=(
-                (u, ids[(u + k * 4) % SEGMENTS])
-                for u in range(1, users + 1)
-                for k in range(PER_USER)
-            ),
-            columns=["user_id", "segment_id"],
-        )
-        await conn.copy_records_to_table(
-            "user_versions",
-            records=((u, u) for u in range(1, users + 1)),
-            columns=["user_id", "version"],
-        )
+        await copy_users(conn, ids, users, PER_USER)
         start, _ = previous_month(dt.datetime.now(dt.UTC))
         span = 27 * 86_400
 

@@ -58,7 +58,7 @@ import asyncpg
 import orjson
 
 from bench.measure import cpu_seconds, median
-from bench.stack import bench_stack, server
+from bench.stack import bench_stack, copy_users, server
 from bench.wrk import WrkResult, run_wrk
 from devstack import descendants, free_port
 from service.bootstrap import build
@@ -111,20 +111,7 @@ async def seed(env: dict[str, str], users: int) -> dict[str, Any]:
             await container.segments.create_segment(f"SEG_{i}")
         ids = sorted((await container.store.registry()).segments)
         conn = await asyncpg.connect(env["SEGMENTS_DATABASE_URL"])
-        await conn.copy_records_to_table(
-            "memberships",
-            records=(
-                (u, ids[(u + k * 4) % SEGMENTS])
-                for u in range(1, users + 1)
-                for k in range(PER_USER)
-            ),
-            columns=["user_id", "segment_id"],
-        )
-        await conn.copy_records_to_table(
-            "user_versions",
-            records=((u, u) for u in range(1, users + 1)),
-            columns=["user_id", "version"],
-        )
+        await copy_users(conn, ids, users, PER_USER)
         # As a long-running database would be: hint bits set, statistics fresh.
         await conn.execute("VACUUM ANALYZE")
         await conn.close()

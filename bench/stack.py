@@ -9,8 +9,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import asyncpg
 
 from devstack import EmbeddedStack
 from persistence.migrate import upgrade
@@ -55,3 +57,23 @@ def server(
         proc.wait(15)
         if log is not None:
             err.close()  # type: ignore[union-attr]
+
+
+async def copy_users(
+    conn: asyncpg.Connection, segment_ids: Sequence[int], users: int, per_user: int
+) -> None:
+    """Users 1..``users``, each a member of ``per_user`` of ``segment_ids`` (spread
+    evenly), with a version: the benchmarks' seeded population, by COPY."""
+    n = len(segment_ids)
+    await conn.copy_records_to_table(
+        "memberships",
+        records=(
+            (u, segment_ids[(u + k * 4) % n]) for u in range(1, users + 1) for k in range(per_user)
+        ),
+        columns=["user_id", "segment_id"],
+    )
+    await conn.copy_records_to_table(
+        "user_versions",
+        records=((u, u) for u in range(1, users + 1)),
+        columns=["user_id", "version"],
+    )

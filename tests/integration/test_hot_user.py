@@ -15,6 +15,7 @@ from service.bootstrap import Container
 from service.domain.errors import OutcomeUnknown, StorageUnavailable
 from service.domain.model import AddItem, AppliedChange, UserChange
 from service.settings import Settings
+from tests.checks import replayed_history
 
 SLUGS = ["A", "B", "C", "D"]
 
@@ -59,21 +60,7 @@ async def check_applied_once_each(
         == (versions[-1])
     )
     assert await db.fetchval("SELECT count(*) FROM cache_outbox WHERE user_id = $1", uid) == writes
-    rows = await db.fetch(
-        "SELECT slug, operation FROM membership_history WHERE user_id = $1"
-        " ORDER BY occurred_at, id",
-        uid,
-    )
-    members: set[str] = set()
-    for slug, operation in rows:
-        assert (slug in members) == (operation == "remove"), (slug, operation)
-        (members.add if operation == "add" else members.discard)(slug)
-    stored = await db.fetch(
-        "SELECT s.slug FROM memberships m JOIN segments s ON s.id = m.segment_id"
-        " WHERE m.user_id = $1",
-        uid,
-    )
-    assert members == {r["slug"] for r in stored}
+    await replayed_history(db, uid)
     # Whatever the order, the state answered for the newest version is the stored one.
     newest = max(applied, key=lambda a: a.state.version).state
     assert {m.segment_id for m in newest.memberships} == {

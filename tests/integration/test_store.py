@@ -11,6 +11,7 @@ from persistence.store import PgStore
 from service.bootstrap import Container
 from service.domain.errors import SegmentExists, SegmentNotFound
 from service.domain.model import AddItem, UserChange
+from tests.checks import replayed_history
 
 
 @pytest.fixture
@@ -114,15 +115,7 @@ async def test_concurrent_changes_of_one_user_apply_one_after_another(
     assert len(set(versions)) == len(versions)
     assert await db.fetchval("SELECT version FROM user_versions WHERE user_id = 9") == max(versions)
     assert await db.fetchval("SELECT count(*) FROM cache_outbox WHERE user_id = 9") == 24
-    members: set[str] = set()
-    for slug, operation, _ in await history(db, 9, by_time=True):
-        assert (slug in members) == (operation == "remove")
-        (members.add if operation == "add" else members.discard)(slug)
-    stored = await db.fetch(
-        "SELECT s.slug FROM memberships m JOIN segments s ON s.id = m.segment_id"
-        " WHERE m.user_id = 9"
-    )
-    assert members == {r["slug"] for r in stored}
+    await replayed_history(db, 9)
 
 
 async def test_user_states_pages_through_everyone(store: PgStore) -> None:
