@@ -44,6 +44,12 @@ class Registry:
     # The percentage segments with a non-zero share as (id, "id:" hash prefix, slug,
     # basis points), computed once: every read of every user walks them.
     auto: tuple[tuple[int, str, str, int], ...] = field(init=False, default=())
+    # user id -> the percentage segments (id, slug) the user falls in, filled by
+    # rules.visible_slugs: the rule is a pure function of this registry and the user,
+    # and a read of a hot user need not hash once per percentage segment again.
+    auto_memo: dict[int, tuple[tuple[int, str], ...]] = field(
+        init=False, default_factory=dict, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         auto = tuple(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 
 import mmh3
 
@@ -161,15 +162,37 @@ def visible_slugs(
     segments = registry.segments
     slugs = {segments[sid].slug for sid in member_ids if sid in segments}
     if registry.auto:
-        # bucket() inlined, with the "{segment_id}:" prefix precomputed: with 20
-        # percentage segments this loop was 13% of a read (bench/read_path.py).
-        excluded = set(excluded_ids)
-        uid = str(user_id)
-        hash32 = mmh3.hash
-        for sid, prefix, slug, auto_bp in registry.auto:
-            if sid not in excluded and hash32(prefix + uid, 0, False) % BUCKETS < auto_bp:
-                slugs.add(slug)
+        memo = registry.auto_memo
+        matched = memo.get(user_id)
+        if matched is None:
+            matched = _auto_matches(registry, user_id)
+            if len(memo) >= AUTO_MEMO_USERS:
+                memo.clear()  # a bound, not an LRU: hot users come straight back
+            memo[user_id] = matched
+        if matched:
+            excluded = set(excluded_ids)
+            if excluded:
+                slugs.update(slug for sid, slug in matched if sid not in excluded)
+            else:
+                slugs.update(map(itemgetter(1), matched))
     return sorted(slugs)
+
+
+# Users whose percentage rules a registry remembers (a few MB at most).
+AUTO_MEMO_USERS = 65_536
+
+
+def _auto_matches(registry: Registry, user_id: int) -> tuple[tuple[int, str], ...]:
+    """The percentage segments (id, slug) ``user_id`` falls in, exclusions aside."""
+    # bucket() inlined, with the "{segment_id}:" prefix precomputed (one hash per
+    # percentage segment is the cost this memo saves).
+    uid = str(user_id)
+    hash32 = mmh3.hash
+    return tuple(
+        (sid, slug)
+        for sid, prefix, slug, auto_bp in registry.auto
+        if hash32(prefix + uid, 0, False) % BUCKETS < auto_bp
+    )
 
 
 def _duplicates(items: Iterable[str]) -> set[str]:

@@ -85,3 +85,25 @@ def test_inlined_rule_in_visible_slugs_equals_bucket() -> None:
             s for sid, s in ((7, "P"), (8, "Q")) if rules.bucket(sid, uid) < {7: 3333, 8: 5000}[sid]
         ]
         assert rules.visible_slugs(reg, uid, []) == expected
+
+
+def test_remembered_rule_results_equal_the_rule_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rules, "AUTO_MEMO_USERS", 100)
+    shares = {7: 3333, 8: 5000, 9: 100}
+    reg = Registry(1, {sid: RegistryEntry(f"S{sid}", bp) for sid, bp in shares.items()})
+    for _ in range(2):  # the second pass answers from what the first remembered
+        for uid in range(1, 1000):
+            excluded = [8] if uid % 3 == 0 else []
+            expected = [
+                f"S{sid}"
+                for sid, bp in shares.items()
+                if sid not in excluded and rules.bucket(sid, uid) < bp
+            ]
+            assert rules.visible_slugs(reg, uid, [], excluded) == expected
+            assert len(reg.auto_memo) <= 100
+    # A new registry (a share changed) remembers nothing of the old one's answers.
+    raised = Registry(2, {sid: RegistryEntry(f"S{sid}", 10_000) for sid in shares})
+    assert raised.auto_memo == {}
+    assert rules.visible_slugs(raised, 999, []) == ["S7", "S8", "S9"]
