@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import random
 import subprocess
@@ -50,6 +51,7 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.measure import cpu_seconds
 from bench.openloop import OpenLoopResult, WriteMix, ZipfUsers, start_open_loop
@@ -58,6 +60,7 @@ from cache import keys
 from devstack import EmbeddedStack, descendants, free_port
 from service.bootstrap import Container, build
 from service.domain.reconcile import Reconciler
+from service.http.serving import HOT_ROUTE
 from service.ingest.messages import snapshot
 from service.settings import Settings, load_settings
 
@@ -305,6 +308,9 @@ class StateResult:
     coverage: float | None
     notes: list[str]
     cores: dict[str, float]
+    # The API's own latency of the read (segments_http_request_seconds, from the handler's
+    # start to its answer): the service without the generator and the kernel's queues.
+    served: ServedLatency | None = None
 
 
 def _pids(ctx: Ctx, api_pid: int, consumer_pid: int, gens: list[int]) -> dict[str, list[int]]:
@@ -317,6 +323,51 @@ def _pids(ctx: Ctx, api_pid: int, consumer_pid: int, gens: list[int]) -> dict[st
         "generators": gens,
         "bench": [os.getpid()],
     }
+
+
+@dataclass(frozen=True)
+class ServedLatency:
+    """A window of the API's read-latency histogram: cumulative counts per bucket bound."""
+
+    counts: dict[float, float]
+
+    def minus(self, earlier: ServedLatency) -> ServedLatency:
+        return ServedLatency({b: c - earlier.counts.get(b, 0.0) for b, c in self.counts.items()})
+
+    def share_within(self, seconds: float) -> float:
+        total = self.counts.get(math.inf, 0.0)
+        return self.counts.get(seconds, 0.0) / total if total else 0.0
+
+    def quantile_bound_ms(self, q: float) -> float:
+        """The smallest bucket bound holding at least ``q`` of the reads (an upper bound
+        of that quantile: the histogram has no finer resolution)."""
+        total = self.counts.get(math.inf, 0.0)
+        for bound in sorted(self.counts):
+            if total and self.counts[bound] >= q * total:
+                return bound * 1000
+        return math.inf
+
+
+async def served_latency(port: int) -> ServedLatency:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as r,
+    ):
+        text = await r.text()
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "segments_http_request_seconds":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name.endswith("_bucket")
+                and labels.get("method") == "GET"
+                and labels.get("route") == HOT_ROUTE
+                and labels.get("status_class") == "2xx"
+            ):
+                counts[float(labels["le"])] = sample.value
+    return ServedLatency(counts)
 
 
 async def run_state(
@@ -360,12 +411,14 @@ async def run_state(
         gens.append(writes_gen.pid)
     pids = _pids(ctx, api_pid, consumer_pid, gens)
     before = {k: cpu_seconds(v) for k, v in pids.items()}
+    served_before = await served_latency(ctx.port)
     t0 = time.monotonic()
     reads = await reads_gen.wait()
     writes = await writes_gen.wait() if writes_gen is not None else None
     elapsed = time.monotonic() - t0
     pids = _pids(ctx, api_pid, consumer_pid, gens)
     after = {k: cpu_seconds(v) for k, v in pids.items()}
+    served = (await served_latency(ctx.port)).minus(served_before)
     # The generators are gone by now: their own figure is their CPU share.
     cores = {
         k: sum(t - before[k].get(p, 0.0) for p, t in after[k].items()) / elapsed
@@ -378,7 +431,7 @@ async def run_state(
     if task is not None and job is not None:
         await task
         coverage = job.coverage(reads.started_at, reads.started_at + a.seconds)
-    return StateResult(name, reads, writes, coverage, job.notes if job else [], cores)
+    return StateResult(name, reads, writes, coverage, job.notes if job else [], cores, served)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -420,6 +473,14 @@ def report(results: list[StateResult], a: argparse.Namespace, config: str) -> No
             f" {x.send_lag_p99_ms:.2f} ms; p99 per second: "
             + " ".join(f"{v:.1f}" for v in x.p99_per_second)
         )
+        if r.served is not None:
+            s = r.served
+            print(
+                f"    served (the API's own histogram): p99 <= {s.quantile_bound_ms(0.99):g} ms,"
+                f" p99.9 <= {s.quantile_bound_ms(0.999):g} ms; within 1 ms"
+                f" {s.share_within(0.001) * 100:.2f} %, 2 ms {s.share_within(0.002) * 100:.2f} %,"
+                f" 5 ms {s.share_within(0.005) * 100:.2f} %"
+            )
         if x.statuses:
             print(f"    statuses: {x.statuses}")
         if r.notes:
