@@ -24,6 +24,8 @@ log = logging.getLogger("service.domain.service")
 # Pauses before a failed rebuild batch is written again (the pipelined connection
 # reconnects meanwhile); then one last try.
 _REBUILD_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+# Users a paced rebuild writes between pauses (a few milliseconds of Redis's time).
+_REBUILD_PACED_CHUNK = 500
 
 
 class CacheCopy:
@@ -165,14 +167,13 @@ class CacheCopy:
             writing: asyncio.Task[None] | None = None
             pace = Pacer(self._rebuild_max_users_per_s)
             pace.start()
-            async for batch in self._store.user_states(self._rebuild_batch):
+            async for batch in self._store.user_states(self._rebuild_batch_size()):
                 if writing is not None:
                     await writing
-                await pace(len(batch))
                 if not await self._renew_rebuild(generation):
                     log.warning("cache rebuild lost its lease; another process continues")
                     return False
-                writing = asyncio.create_task(self._write_rebuild_batch(batch, generation))
+                writing = asyncio.create_task(self._write_rebuild_batch(batch, generation, pace))
                 users += len(batch)
                 if self.rebuild_progress is not None:
                     await self.rebuild_progress(users)
@@ -224,29 +225,47 @@ class CacheCopy:
                 await asyncio.sleep(delay)
         return await self._cache.renew_rebuild(generation, self._rebuild_lease_s)
 
-    async def _write_rebuild_batch(self, batch: Sequence[UserState], generation: str) -> None:
-        """One batch of a rebuild, tried again after a failure: one Redis reply slower
-        than the read timeout must not throw away a rebuild of millions of users (at
-        10 million it did, on a busy machine); the writes are versioned, so repeating
-        them is harmless.  Redis still failing after the retries ends the rebuild.
+    def _rebuild_batch_size(self) -> int:
+        """Users a PostgreSQL query of the rebuild reads: paced, about a quarter of a
+        second's worth, so that PostgreSQL works in small steps too."""
+        rate = self._rebuild_max_users_per_s
+        if rate <= 0:
+            return self._rebuild_batch
+        return max(_REBUILD_PACED_CHUNK, min(self._rebuild_batch, int(rate / 4)))
+
+    async def _write_rebuild_batch(
+        self, batch: Sequence[UserState], generation: str, pace: Pacer
+    ) -> None:
+        """One batch of a rebuild; paced, in chunks with a pause after each, so that
+        the reads Redis serves meanwhile never queue behind a whole batch.
 
         Then the batch's last user is marked as reached (batches come in user order), so
         reads of the users behind it are answered from Redis rather than PostgreSQL
         while the rest is written."""
-        for delay in _REBUILD_RETRY_DELAYS_S:
-            try:
-                await self._cache.write_users(batch)
-                break
-            except CacheUnavailable as exc:
-                log.warning("cache rebuild: a batch write failed (%s); again in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-        else:
-            await self._cache.write_users(batch)
+        chunk = len(batch) if pace.rate_per_s <= 0 else _REBUILD_PACED_CHUNK
+        for i in range(0, len(batch), chunk):
+            part = batch[i : i + chunk]
+            await self._write_rebuild_chunk(part)
+            await pace(len(part))
         try:
             await self._cache.mark_rebuilt(generation, batch[-1].user_id)
         except CacheUnavailable as exc:
             # Not worth the rebuild: the next batch's mark covers this one's users.
             log.warning("cache rebuild: marking progress failed (%s)", exc)
+
+    async def _write_rebuild_chunk(self, states: Sequence[UserState]) -> None:
+        """Tried again after a failure: one Redis reply slower than the read timeout
+        must not throw away a rebuild of millions of users (at 10 million it did, on a
+        busy machine); the writes are versioned, so repeating them is harmless.  Redis
+        still failing after the retries ends the rebuild."""
+        for delay in _REBUILD_RETRY_DELAYS_S:
+            try:
+                await self._cache.write_users(states)
+                return
+            except CacheUnavailable as exc:
+                log.warning("cache rebuild: a batch write failed (%s); again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+        await self._cache.write_users(states)
 
     def _give_up_lease(self, generation: str | None) -> None:
         """A failed rebuild releases its lease, so the next one (the next read of the

@@ -189,3 +189,37 @@ async def test_a_rebuild_ends_when_redis_keeps_failing(svc, monkeypatch) -> None
     cache.write_users = down
     assert not await service.rebuild_cache()
     assert calls == 3  # two retries, then the last try
+
+
+async def test_a_paced_rebuild_writes_small_chunks_and_marks_each_batch() -> None:
+    """Paced, a rebuild never hands Redis a whole batch at once (the reads it serves
+    meanwhile would queue behind it), and the progress mark follows every batch."""
+    store, cache = FakeStore(), FakeCache()
+    writer = SegmentService(store, cache, clock=lambda: store.now)
+    await writer.create_segment("A")
+    for uid in range(1, 1201):
+        await writer.update_user(uid, [AddRequest("A")], [])
+    cache.flush()
+    writes: list[int] = []
+    marks: list[int] = []
+    write_users, mark_rebuilt = cache.write_users, cache.mark_rebuilt
+
+    async def recording_write(states):  # type: ignore[no-untyped-def]
+        writes.append(len(states))
+        await write_users(states)
+
+    async def recording_mark(generation: str, upto: int) -> bool:
+        marks.append(upto)
+        return await mark_rebuilt(generation, upto)
+
+    cache.write_users = recording_write  # type: ignore[method-assign]
+    cache.mark_rebuilt = recording_mark  # type: ignore[method-assign]
+    paced = SegmentService(
+        store, cache, clock=lambda: store.now, rebuild_batch=10_000, rebuild_max_users_per_s=8000
+    )
+    assert await paced.rebuild_cache()
+    # A quarter of a second's worth a query (2,000 > 1,200 users: one batch), written
+    # 500 users at a time, marked once after its last user.
+    assert writes == [500, 500, 200]
+    assert marks == [1200]
+    assert await paced.user_segments(1200) == ["A"]
