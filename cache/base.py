@@ -76,6 +76,7 @@ class CacheBase:
         self._write_registry = client.register_script(scripts.WRITE_REGISTRY)
         self._read_registry = client.register_script(scripts.READ_REGISTRY)
         self._bump_registry = client.register_script(scripts.BUMP_REGISTRY)
+        self._take_bucket = client.register_script(scripts.TAKE_BUCKET)
         self._mark_bucket = client.register_script(scripts.MARK_BUCKET)
         self._mark_progress = client.register_script(scripts.MARK_PROGRESS)
         self._finish = client.register_script(scripts.FINISH_REBUILD)
@@ -152,7 +153,7 @@ class CacheBase:
         """One single-key hash command on the global meta and every bucket meta, in one
         pipeline (per shard on a cluster)."""
         async with self._r.pipeline(transaction=False) as pipe:
-            for meta in (keys.META, *keys.BUCKET_METAS):
+            for meta in keys.ALL_METAS:
                 pipe.execute_command(command, meta, *args)
             await pipe.execute()
 

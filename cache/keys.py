@@ -27,6 +27,7 @@ def bucket_meta(bucket: int) -> str:
 
 
 BUCKET_METAS = tuple(bucket_meta(b) for b in range(KEY_BUCKETS))
+ALL_METAS = (META, *BUCKET_METAS)
 
 
 def meta_of(entity_id: int) -> str:

@@ -22,14 +22,17 @@ class Rebuild(CacheBase):
                 return None
             # `building` lives in the meta hashes, so a FLUSHALL (or a shard restart)
             # during the rebuild erases it and the rebuild cannot mark an incomplete
-            # copy as complete.  A mark left by an earlier rebuild goes first, so no
-            # read trusts it under the new generation.
+            # copy as complete.  A bucket keeps the progress mark of the rebuild before
+            # this one only while it still holds that rebuild's `building`
+            # (resume_point); otherwise the mark goes, so no read trusts it.
             try:
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for meta in (keys.META, *keys.BUCKET_METAS):
-                        pipe.hdel(meta, "rebuilt_to")
-                        pipe.hset(meta, "building", generation)
-                    await pipe.execute()
+                previous = await self._r.hget(keys.META, "building")
+                if isinstance(previous, bytes):
+                    previous = previous.decode()
+                await self._script_calls(
+                    self._take_bucket,
+                    [((meta,), [previous or "", generation]) for meta in keys.ALL_METAS],
+                )
             except self._errors:
                 # Else the lease outlives this failed start by its whole term, and no
                 # process rebuilds meanwhile.
@@ -37,6 +40,22 @@ class Rebuild(CacheBase):
                     await self._call(self._release, [keys.REBUILD_LEASE], [generation])
                 raise
         return generation
+
+    async def resume_point(self, generation: str) -> int:
+        """The user id up to which every bucket holds a mark this rebuild took over from
+        an interrupted one (0: none, start from the first user)."""
+        async with _guard(self._errors), self._r.pipeline(transaction=False) as pipe:
+            for meta in keys.BUCKET_METAS:
+                pipe.hmget(meta, "building", "rebuilt_to")
+            replies = await pipe.execute()
+        marks = []
+        for building, upto in replies:
+            if building is None or upto is None:
+                return 0
+            if (building.decode() if isinstance(building, bytes) else building) != generation:
+                return 0
+            marks.append(int(upto))
+        return min(marks)
 
     async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:
         """Every user up to ``upto_user_id`` is written: reads may answer them from

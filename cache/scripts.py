@@ -49,6 +49,12 @@ READ_REGISTRY = _load("read_registry")
 # KEYS: a bucket meta.  ARGV: registry version.  Only ever moves forward.
 BUMP_REGISTRY = _load("bump_registry")
 
+# KEYS: a bucket meta.  ARGV: the previous rebuild's generation ('' if none), this
+# rebuild's.  The bucket passes to this rebuild; it keeps the previous rebuild's
+# `rebuilt_to` mark only if it still holds that rebuild's `building` (no flush or
+# restart since), so an interrupted rebuild's work is not done twice.
+TAKE_BUCKET = _load("take_bucket")
+
 # KEYS: a bucket meta.  ARGV: generation.  A bucket whose shard was flushed or
 # restarted since begin_rebuild has lost `building` and stays incomplete.
 MARK_BUCKET = _load("mark_bucket")
@@ -79,6 +85,7 @@ ALL = {
     "write_registry": WRITE_REGISTRY,
     "read_registry": READ_REGISTRY,
     "bump_registry": BUMP_REGISTRY,
+    "take_bucket": TAKE_BUCKET,
     "mark_bucket": MARK_BUCKET,
     "mark_progress": MARK_PROGRESS,
     "finish_rebuild": FINISH_REBUILD,

@@ -140,8 +140,10 @@ class FakeStore:
             },
         )
 
-    async def user_states(self, batch_size: int) -> AsyncIterator[list[UserState]]:
-        uids = sorted(u for u in self.versions if self.members.get(u) or self.excluded.get(u))
+    async def user_states(self, batch_size: int, after: int = 0) -> AsyncIterator[list[UserState]]:
+        uids = sorted(
+            u for u in self.versions if u > after and (self.members.get(u) or self.excluded.get(u))
+        )
         for i in range(0, len(uids), batch_size):
             yield [await self.user_state(u) for u in uids[i : i + batch_size]]
 
@@ -258,9 +260,15 @@ class FakeCache:
         self._check()
         if self.lease is not None:
             return None
+        # A mark survives into the next rebuild only while its rebuild's `building` does.
+        kept = self.rebuilt_to if self.building is not None else None
         self.lease = self.building = secrets.token_hex(4)
-        self.rebuilt_to = None
+        self.rebuilt_to = kept
         return self.lease
+
+    async def resume_point(self, generation: str) -> int:
+        self._check()
+        return (self.rebuilt_to or 0) if self.building == generation else 0
 
     async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:
         self._check()

@@ -92,8 +92,7 @@ class UserStates(PgPool):
         registry_version = int(rows[0][5]) if rows else 0
         return {r[0]: _state(r[:5]) for r in rows}, registry_version
 
-    async def user_states(self, batch_size: int) -> AsyncIterator[list[UserState]]:
-        after = 0
+    async def user_states(self, batch_size: int, after: int = 0) -> AsyncIterator[list[UserState]]:
         while True:
             # One statement per batch, so versions and rows come from one snapshot: a
             # state is never labelled with a version newer than its contents.

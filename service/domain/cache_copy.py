@@ -159,6 +159,12 @@ class CacheCopy:
                 return False
             started = time.monotonic()
             await self._cache.write_registry(await self._store.registry())
+            # Users up to an interrupted rebuild's mark stand (it wrote them, no flush
+            # since, and later writes are versioned): a rebuild of millions cut short
+            # near its end does not start over, and reads of them stay on Redis.
+            resume = await self._cache.resume_point(generation)
+            if resume:
+                log.info("cache rebuild: resuming after user %d", resume)
             users = 0
             if self.rebuild_progress is not None:
                 await self.rebuild_progress(0)
@@ -167,7 +173,7 @@ class CacheCopy:
             writing: asyncio.Task[None] | None = None
             pace = Pacer(self._rebuild_max_users_per_s)
             pace.start()
-            async for batch in self._store.user_states(self._rebuild_batch_size()):
+            async for batch in self._store.user_states(self._rebuild_batch_size(), resume):
                 if writing is not None:
                     await writing
                 if not await self._renew_rebuild(generation):

@@ -101,8 +101,9 @@ class Store(Protocol):
 
     async def registry(self) -> Registry: ...
 
-    def user_states(self, batch_size: int) -> AsyncIterator[list[UserState]]:
-        """Every user with memberships or exclusions, in batches (for cache rebuilds)."""
+    def user_states(self, batch_size: int, after: int = 0) -> AsyncIterator[list[UserState]]:
+        """Every user above ``after`` with memberships or exclusions, in batches in user
+        order (for cache rebuilds)."""
         ...
 
 
@@ -136,6 +137,11 @@ class Cache(Protocol):
 
     async def release_rebuild(self, generation: str) -> None:
         """Give the lease up (a rebuild that failed), so the next one need not wait."""
+        ...
+
+    async def resume_point(self, generation: str) -> int:
+        """The user id up to which an interrupted rebuild's writes stand and this one
+        took them over (no flush or restart since); 0: start from the first user."""
         ...
 
     async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:

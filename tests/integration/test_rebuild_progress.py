@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from cache import keys
 from cache.redis_cache import RedisCache
 from service.bootstrap import Container
 from service.domain.model import Membership, Registry, RegistryEntry, UserState
@@ -33,13 +34,24 @@ async def test_progress_mark_answers_users_behind_it(clean: Container) -> None:
     await cache.write_registry(Registry(3, {10: RegistryEntry("A", None)}))
     assert not await cache.mark_rebuilt(generation, 9)
     assert await cache.read_user(5, now) is None
-    # Nor does a mark outlive its rebuild: a new one starts from nothing.
+    # A new rebuild after a flush starts from nothing.
     await cache.release_rebuild(generation)
     again = await cache.begin_rebuild(30)
     assert again is not None
+    assert await cache.resume_point(again) == 0
     assert await cache.mark_rebuilt(again, 9)
+    # An interrupted rebuild's mark passes to the next rebuild while no flush comes
+    # between (it resumes after it); a flush takes it, and the next starts over.
     await cache.release_rebuild(again)
-    assert await cache.begin_rebuild(30) is not None
+    third = await cache.begin_rebuild(30)
+    assert third is not None
+    assert await cache.resume_point(third) == 9
+    assert not await cache.mark_rebuilt(again, 12)  # the interrupted one marks no more
+    await cache._r.flushall()
+    await cache.write_registry(Registry(3, {10: RegistryEntry("A", None)}))
+    fourth = await cache.begin_rebuild(30)
+    assert fourth is not None
+    assert await cache.resume_point(fourth) == 0
     assert await cache.read_user(5, now) is None
 
 
@@ -115,3 +127,89 @@ async def test_concurrent_fallback_reads_share_queries(clean: Container) -> None
     assert queries <= 4
     if reader._rebuild_task is not None:
         reader._rebuild_task.cancel()
+
+
+async def _interrupted_rebuild(clean: Container, users: int, stop_at: int) -> int:
+    """A rebuild (batches of 10) that fails once ``stop_at`` users are handed to Redis;
+    returns the progress mark it left (the lease released, as after a failure)."""
+
+    async def progress(done: int) -> None:
+        if done == stop_at:
+            raise RuntimeError("the rebuilding process dies here")
+
+    rebuilder = SegmentService(clean.store, clean.cache, rebuild_batch=10)
+    rebuilder.rebuild_progress = progress
+    assert not await rebuilder.rebuild_cache()
+    assert rebuilder._release_task is not None
+    await asyncio.wait_for(rebuilder._release_task, 10)
+    marks = {await clean.cache._r.hget(meta, "rebuilt_to") for meta in keys.BUCKET_METAS}
+    assert len(marks) == 1
+    (mark,) = marks
+    assert mark is not None
+    return int(mark)
+
+
+async def test_a_rebuild_resumes_from_an_interrupted_ones_mark(clean: Container) -> None:
+    writer = clean.segments
+    await writer.create_segment("a")
+    await writer.create_segment("b")
+    for uid in range(1, 51):
+        await writer.update_user(uid, [AddRequest("a")], [])
+    await clean.cache._r.flushall()
+    mark = await _interrupted_rebuild(clean, 50, stop_at=30)
+    assert 10 <= mark <= 30
+
+    # Between the two rebuilds the mark still holds: users behind it come from Redis,
+    # and a write to one of them is in the next answer.
+    reader = SegmentService(clean.store, clean.cache, rebuild_delay_s=60)
+    await writer.update_user(5, [AddRequest("b")], [])
+    assert await reader.user_segments(5) == ["a", "b"]
+    assert await reader.user_segments(mark + 1) == ["a"]
+    assert (reader.reads_from_cache, reader.reads_from_store) == (1, 1)
+
+    written: list[int] = []
+    write_users = clean.cache.write_users
+
+    async def recording(states: Sequence[UserState]) -> None:
+        written.extend(s.user_id for s in states)
+        await write_users(states)
+
+    clean.cache.write_users = recording  # type: ignore[method-assign]
+    try:
+        assert await SegmentService(clean.store, clean.cache, rebuild_batch=10).rebuild_cache()
+    finally:
+        del clean.cache.write_users
+    # The second rebuild wrote only the users after the mark.
+    assert written == list(range(mark + 1, 51))
+    assert await clean.cache.is_complete()
+    fresh = SegmentService(clean.store, clean.cache)
+    answers = await fresh.users_segments(list(range(1, 51)))
+    assert answers == {uid: ["a", "b"] if uid == 5 else ["a"] for uid in range(1, 51)}
+    assert fresh.reads_from_store == 0
+    if reader._rebuild_task is not None:
+        reader._rebuild_task.cancel()
+
+
+async def test_a_flush_between_rebuilds_means_starting_over(clean: Container) -> None:
+    writer = clean.segments
+    await writer.create_segment("a")
+    for uid in range(1, 41):
+        await writer.update_user(uid, [AddRequest("a")], [])
+    await clean.cache._r.flushall()
+    await _interrupted_rebuild(clean, 40, stop_at=30)
+    await clean.cache._r.flushall()
+    written: list[int] = []
+    write_users = clean.cache.write_users
+
+    async def recording(states: Sequence[UserState]) -> None:
+        written.extend(s.user_id for s in states)
+        await write_users(states)
+
+    clean.cache.write_users = recording  # type: ignore[method-assign]
+    try:
+        assert await SegmentService(clean.store, clean.cache, rebuild_batch=10).rebuild_cache()
+    finally:
+        del clean.cache.write_users
+    assert written == list(range(1, 41))
+    reader = SegmentService(clean.store, clean.cache)
+    assert await reader.users_segments(list(range(1, 41))) == {u: ["a"] for u in range(1, 41)}
