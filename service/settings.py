@@ -183,7 +183,8 @@ DOCS: dict[str, str] = {
     "redis_pipelined_reads": "hot reads through one auto-pipelined connection",
     "redis_cluster": "`SEGMENTS_REDIS_URL` is a node of a Redis Cluster (reads then go through "
     "redis-py's cluster client, without the pipelined connection)",
-    "fallback_concurrency": "reads answered from PostgreSQL at once while the cache is incomplete",
+    "fallback_concurrency": "PostgreSQL queries at once for reads the cache cannot answer"
+    " (reads arriving meanwhile wait and go together, up to 500 a query)",
     "rebuild_batch": "users per batch when rebuilding the cache",
     "rebuild_max_users_per_s": "pace of a cache rebuild, users/s (0: unpaced)",
     "rebuild_delay_s": "an API process finding the cache incomplete leaves the rebuild to the "

@@ -153,6 +153,8 @@ class CacheCopy:
         write is versioned, so the rebuild never overwrites a newer state.
         """
         generation: str | None = None
+        # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
+        writing: asyncio.Task[None] | None = None
         try:
             generation = await self._begin_rebuild()
             if generation is None:
@@ -169,8 +171,6 @@ class CacheCopy:
             if self.rebuild_progress is not None:
                 await self.rebuild_progress(0)
             next_progress = started + 5
-            # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
-            writing: asyncio.Task[None] | None = None
             pace = Pacer(self._rebuild_max_users_per_s)
             pace.start()
             async for batch in self._store.user_states(self._rebuild_batch_size(), resume):
@@ -200,6 +200,12 @@ class CacheCopy:
             log.exception("cache rebuild failed")
             self._give_up_lease(generation)
             return False
+        finally:
+            if writing is not None and not writing.done():
+                # A rebuild that ended early leaves no batch writing (and marking)
+                # behind it.
+                writing.cancel()
+                await asyncio.gather(writing, return_exceptions=True)
         log.info(
             "cache rebuild %s: %d users in %.2fs",
             "complete" if done else "superseded",

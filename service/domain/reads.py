@@ -13,6 +13,7 @@ from service.domain.cache_copy import CacheCopy
 from service.domain.errors import (
     CacheUnavailable,
     InvalidRequest,
+    StorageUnavailable,
 )
 from service.domain.model import UserState
 
@@ -58,6 +59,14 @@ class _FallbackReads:
             await self._drain()
         finally:
             self._running -= 1
+            if self._running == 0 and self._waiting:
+                # The last runner was cancelled (shutdown): no read may wait forever.
+                waiting, self._waiting = self._waiting, {}
+                gone = StorageUnavailable("reads from PostgreSQL stopped (shutting down)")
+                for futures in waiting.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(gone)
 
     async def _drain(self) -> None:
         while self._waiting:
@@ -68,11 +77,18 @@ class _FallbackReads:
                 batch = {uid: self._waiting.pop(uid) for uid in ids}
                 try:
                     states, registry_version = await self._fetch(ids)
-                except Exception as exc:  # every read of the batch gets the failure
+                except BaseException as exc:  # every read of the batch gets the failure
+                    failure = (
+                        StorageUnavailable("reads from PostgreSQL stopped (shutting down)")
+                        if isinstance(exc, asyncio.CancelledError)
+                        else exc
+                    )
                     for futures in batch.values():
                         for f in futures:
                             if not f.done():
-                                f.set_exception(exc)
+                                f.set_exception(failure)
+                    if not isinstance(exc, Exception):
+                        raise
                     continue
             for uid, futures in batch.items():
                 answer = (states.get(uid) or UserState(uid, 0), registry_version)

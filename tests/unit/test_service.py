@@ -223,3 +223,25 @@ async def test_a_paced_rebuild_writes_small_chunks_and_marks_each_batch() -> Non
     assert writes == [500, 500, 200]
     assert marks == [1200]
     assert await paced.user_segments(1200) == ["A"]
+
+
+async def test_fallback_reads_fail_rather_than_hang_when_their_queries_are_cancelled() -> None:
+    """At shutdown the tasks querying PostgreSQL for reads are cancelled: the reads
+    they carry, and the reads queued behind them, end with StorageUnavailable."""
+    store, cache = FakeStore(), FakeCache()
+    service = SegmentService(store, cache, fallback_concurrency=1, rebuild_delay_s=60)
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def stuck(user_ids):  # type: ignore[no-untyped-def]
+        started.set()
+        await never.wait()
+
+    service._fallback_reads._fetch = stuck
+    reads = [asyncio.create_task(service.user_segments(uid)) for uid in (1, 2, 3)]
+    await asyncio.wait_for(started.wait(), 5)
+    for task in list(service._fallback_reads._tasks):
+        task.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 5)
+    assert all(isinstance(r, StorageUnavailable) for r in results), results
+    if service._rebuild_task is not None:
+        service._rebuild_task.cancel()
