@@ -248,6 +248,7 @@ class Handlers:
             }
         )
         await response.prepare(request)
-        await self._reports.write_csv(start, end, user_id, response.write, lang)
+        if request.method != "HEAD":  # a HEAD checks the link: no month of history for it
+            await self._reports.write_csv(start, end, user_id, response.write, lang)
         await response.write_eof()
         return response

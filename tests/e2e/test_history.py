@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import msgspec
+import pytest
 import orjson
 import pytest
 
@@ -336,3 +337,31 @@ async def test_explain_says_why_and_since_when(
     ]
     assert (await explain(http, "0"))[0] == 422
     assert (await explain(http, "x"))[0] == 422
+
+
+async def test_head_on_a_link_checks_it_without_running_the_report(
+    secured: aiohttp.ClientSession, clean: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret: bytes = clean.reports._secret  # type: ignore[attr-defined]
+    runs = 0
+    write_csv = clean.reports.write_csv
+
+    async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal runs
+        runs += 1
+        return await write_csv(*args, **kwargs)
+
+    monkeypatch.setattr(clean.reports, "write_csv", counted)
+    valid = sign_link(secret, this_month(), None, time.time() + 60)
+    async with secured.head(f"/v1/reports/history/{valid}") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/csv")
+        assert await r.read() == b""
+    assert runs == 0  # a month of history is not read for a HEAD
+    expired = sign_link(secret, this_month(), None, time.time() - 1)
+    async with secured.head(f"/v1/reports/history/{expired}") as r:
+        assert r.status == 410
+    async with secured.get(f"/v1/reports/history/{valid}") as r:
+        assert r.status == 200
+        assert (await r.text()).startswith("user_id;")
+    assert runs == 1
