@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import msgspec
-import pytest
 import orjson
 import pytest
 
