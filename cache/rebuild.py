@@ -57,6 +57,13 @@ class Rebuild(CacheBase):
             marks.append(int(upto))
         return min(marks)
 
+    async def progress_mark(self, user_id: int) -> int | None:
+        async with _guard(self._errors):
+            complete, upto = await self._r.hmget(keys.meta_of(user_id), "complete", "rebuilt_to")
+        if complete is not None:
+            return None
+        return int(upto) if upto is not None else 0
+
     async def mark_rebuilt(self, generation: str, upto_user_id: int) -> bool:
         """Every user up to ``upto_user_id`` is written: reads may answer them from
         Redis before the rebuild completes.  False when no bucket took the mark (they

@@ -141,9 +141,7 @@ class FakeStore:
         )
 
     async def user_states(self, batch_size: int, after: int = 0) -> AsyncIterator[list[UserState]]:
-        uids = sorted(
-            u for u in self.versions if u > after and (self.members.get(u) or self.excluded.get(u))
-        )
+        uids = sorted(u for u in self.versions if u > after)
         for i in range(0, len(uids), batch_size):
             yield [await self.user_state(u) for u in uids[i : i + batch_size]]
 
@@ -265,6 +263,10 @@ class FakeCache:
         self.lease = self.building = secrets.token_hex(4)
         self.rebuilt_to = kept
         return self.lease
+
+    async def progress_mark(self, user_id: int) -> int | None:
+        self._check()
+        return None if self.complete is not None else (self.rebuilt_to or 0)
 
     async def resume_point(self, generation: str) -> int:
         self._check()

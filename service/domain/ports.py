@@ -102,8 +102,8 @@ class Store(Protocol):
     async def registry(self) -> Registry: ...
 
     def user_states(self, batch_size: int, after: int = 0) -> AsyncIterator[list[UserState]]:
-        """Every user above ``after`` with memberships or exclusions, in batches in user
-        order (for cache rebuilds)."""
+        """Every user above ``after`` PostgreSQL has a version for, those with no
+        memberships too, in batches in user order (for cache rebuilds)."""
         ...
 
 
@@ -137,6 +137,11 @@ class Cache(Protocol):
 
     async def release_rebuild(self, generation: str) -> None:
         """Give the lease up (a rebuild that failed), so the next one need not wait."""
+        ...
+
+    async def progress_mark(self, user_id: int) -> int | None:
+        """How far a rebuild has come in ``user_id``'s bucket (its ``rebuilt_to``, 0 if
+        none); None when that bucket is complete."""
         ...
 
     async def resume_point(self, generation: str) -> int:

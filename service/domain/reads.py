@@ -19,6 +19,10 @@ from service.domain.model import UserState
 
 # Users per PostgreSQL query of the fallback read.
 _FALLBACK_BATCH = 500
+# How long a rebuild's progress mark, once asked, decides which reads skip Redis: the
+# mark only moves up during a rebuild, so a stale one sends a few reads Redis could
+# have answered to PostgreSQL, never a wrong answer.
+_MARK_HINT_S = 0.1
 
 _Answer = tuple[UserState, int]
 
@@ -104,6 +108,9 @@ class SegmentReads(CacheCopy):
     _max_items: int
     _fallback: asyncio.Semaphore
     _fallback_reads: _FallbackReads
+    _mark_hint: int
+    _mark_hint_until: float
+    _mark_task: asyncio.Task[None] | None
     reads_from_cache: int
     reads_from_store: int
 
@@ -112,15 +119,18 @@ class SegmentReads(CacheCopy):
             raise rules.bad_id("user_id", user_id)
         now = self._clock()
         cached = None
+        monotonic = time.monotonic()
         if (
-            time.monotonic() >= self._skip_cache_until
+            monotonic >= self._skip_cache_until
             and user_id not in self._dirty
             and not self._registry_dirty
+            and not (user_id > self._mark_hint and monotonic < self._mark_hint_until)
         ):
             try:
                 cached = await self._cache.read_user(user_id, now)
                 if cached is None:
                     self.start_rebuild()  # Redis answered: the copy is incomplete
+                    self._learn_mark(user_id)
             except CacheUnavailable:
                 self._skip_cache_until = time.monotonic() + self._cache_retry_after_s
         if cached is None:
@@ -130,6 +140,28 @@ class SegmentReads(CacheCopy):
         if cached.registry_version != registry.version:
             registry = await self._refresh_registry(cached.registry_version)
         return rules.visible_slugs(registry, user_id, cached.member_ids, cached.excluded_ids)
+
+    def _learn_mark(self, user_id: int) -> None:
+        """Ask, in the background and at most every _MARK_HINT_S, how far the rebuild
+        has come: the reads above its mark need not ask Redis first (during a rebuild
+        Redis is the busiest part, and its answer for them is "not yet")."""
+        if time.monotonic() < self._mark_hint_until:
+            return
+        if self._mark_task is not None and not self._mark_task.done():
+            return
+
+        async def learn() -> None:
+            try:
+                mark = await self._cache.progress_mark(user_id)
+            except CacheUnavailable:
+                return
+            if mark is None:  # complete after all
+                self._mark_hint_until = 0.0
+            else:
+                self._mark_hint = mark
+                self._mark_hint_until = time.monotonic() + _MARK_HINT_S
+
+        self._mark_task = asyncio.create_task(learn())
 
     async def users_segments(self, user_ids: Sequence[int]) -> dict[int, list[str]]:
         """Many users at once: one Redis round trip, or one PostgreSQL query."""

@@ -83,6 +83,11 @@ class SegmentService(SegmentReads):
         # Other parts of the cache (e.g. sync counters) rebuilt with the same lease and
         # before the same completeness marker.
         self._rebuild_phases: list[Callable[[], Awaitable[None]]] = []
+        # While a rebuild runs: reads of users above its progress mark (as last asked,
+        # at most _MARK_HINT_S ago) go to PostgreSQL without asking Redis first.
+        self._mark_hint = 0
+        self._mark_hint_until = 0.0
+        self._mark_task: asyncio.Task[None] | None = None
         # Counters for readiness and metrics.
         self.reads_from_cache = 0
         self.reads_from_store = 0

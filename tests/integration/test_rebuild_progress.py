@@ -97,6 +97,9 @@ async def test_rebuild_in_progress_serves_rebuilt_users_from_redis(clean: Contai
 
     resume.set()
     assert await asyncio.wait_for(rebuild, 30)
+    # The reader sends reads above the mark it last asked for straight to PostgreSQL
+    # for a tenth of a second at most (reads.py, _MARK_HINT_S).
+    await asyncio.sleep(0.15)
     assert await reader.user_segments(25) == ["a", "b"]
     assert await reader.user_segments(26) == ["a", "c"]
     assert reader.reads_from_store == 3
@@ -213,3 +216,16 @@ async def test_a_flush_between_rebuilds_means_starting_over(clean: Container) ->
     assert written == list(range(1, 41))
     reader = SegmentService(clean.store, clean.cache)
     assert await reader.users_segments(list(range(1, 41))) == {u: ["a"] for u in range(1, 41)}
+
+
+async def test_progress_mark_tells_how_far_a_rebuild_came(clean: Container) -> None:
+    cache: RedisCache = clean.cache
+    assert await cache.progress_mark(5) is None  # complete
+    await cache._r.flushall()
+    assert await cache.progress_mark(5) == 0
+    generation = await cache.begin_rebuild(30)
+    assert generation is not None
+    assert await cache.mark_rebuilt(generation, 7)
+    assert [await cache.progress_mark(u) for u in (5, 1023, 1024, 10**12)] == [7, 7, 7, 7]
+    assert await cache.finish_rebuild(generation)
+    assert await cache.progress_mark(5) is None

@@ -245,3 +245,40 @@ async def test_fallback_reads_fail_rather_than_hang_when_their_queries_are_cance
     assert all(isinstance(r, StorageUnavailable) for r in results), results
     if service._rebuild_task is not None:
         service._rebuild_task.cancel()
+
+
+async def test_during_a_rebuild_reads_above_its_mark_skip_redis() -> None:
+    store, cache = FakeStore(), FakeCache()
+    writer = SegmentService(store, cache, clock=lambda: store.now)
+    await writer.create_segment("A")
+    for uid in range(1, 41):
+        await writer.update_user(uid, [AddRequest("A")], [])
+    cache.flush()
+    generation = await cache.begin_rebuild(30)
+    assert generation is not None
+    await cache.write_registry(await store.registry())
+    await cache.write_users([await store.user_state(u) for u in range(1, 21)])
+    assert await cache.mark_rebuilt(generation, 20)
+    asked: list[int] = []
+    read_user = cache.read_user
+
+    async def counted(user_id: int, now: float):  # type: ignore[no-untyped-def]
+        asked.append(user_id)
+        return await read_user(user_id, now)
+
+    cache.read_user = counted  # type: ignore[method-assign]
+    reader = SegmentService(store, cache, clock=lambda: store.now, rebuild_delay_s=60)
+    assert await reader.user_segments(30) == ["A"]  # Redis says "not yet": mark asked
+    assert reader._mark_task is not None
+    await reader._mark_task
+    for uid in (31, 35, 40):
+        assert await reader.user_segments(uid) == ["A"]  # straight to PostgreSQL
+    assert await reader.user_segments(10) == ["A"]  # behind the mark: Redis answers
+    assert asked == [30, 10]
+    assert (reader.reads_from_cache, reader.reads_from_store) == (1, 4)
+    # The mark, once asked, holds for a tenth of a second; then Redis is asked again.
+    reader._mark_hint_until = 0.0
+    assert await reader.user_segments(33) == ["A"]
+    assert asked == [30, 10, 33]
+    if reader._rebuild_task is not None:
+        reader._rebuild_task.cancel()
