@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import resource
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -19,6 +21,12 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+def own_cpu_seconds() -> float:
+    """user+system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
@@ -27,3 +35,10 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     n = len(ordered)
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The value ``q`` (0..1) of the way up ``ordered`` (sorted); NaN when it is empty."""
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

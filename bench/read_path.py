@@ -43,231 +43,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
-import secrets
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from typing import Any
 
-import asyncpg
 import orjson
 
-from bench.measure import cpu_seconds, median
-from bench.stack import bench_stack, copy_users, server
-from bench.wrk import WrkResult, run_wrk
+from bench.measure import median
+from bench.read_cost.population import PER_USER, seed
+from bench.read_cost.runs import CONNECTIONS, Bench, Run, Subject, batch_lookups
+from bench.read_cost.segments import AUTO_SEGMENTS, auto_segments, call
+from bench.read_cost.shipped import api, describe, shipped_env
+from bench.stack import bench_stack, server
 from devstack import descendants, free_port
-from service.bootstrap import build
-from service.settings import load_settings
-
-SEGMENTS = 20
-PER_USER = 5
-CONNECTIONS = 64
-AUTO_SEGMENTS = 20
-
-# The callers of deploy/kubernetes/secret.yaml and docker-compose.yml, with fresh tokens
-# of the length `segments dev` makes.
-CALLERS = {
-    "analytics": ["read", "write", "reports"],
-    "dataeng": ["internal"],
-    "mps": ["sync", "read"],
-}
-
-
-def shipped_env(stack_env: dict[str, str], *, open_reads: bool) -> tuple[dict[str, str], str]:
-    """The environment of the shipped configuration, and the token the bench reads with
-    (the read-only caller's of the deployment files, "mps")."""
-    made = {n: secrets.token_urlsafe(24) for n in CALLERS}
-    tokens = {n: {"token": made[n], "scopes": s} for n, s in CALLERS.items()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENTS_")}
-    env.update(stack_env)
-    env["SEGMENTS_AUTH_TOKENS"] = orjson.dumps(tokens).decode()
-    if open_reads:
-        env["SEGMENTS_AUTH_OPEN_READS"] = "true"
-    return env, made["mps"]
-
-
-def describe(env: dict[str, str]) -> str:
-    settings = load_settings(env)
-    callers = len(orjson.loads(settings.auth_tokens))
-    reads = "open (no token needed)" if settings.auth_open_reads else "need a bearer token"
-    return (
-        f"{callers} callers' tokens configured, reads {reads} (each request sends one), "
-        f"access log {settings.access_log!r}, log level {settings.log_level}, "
-        f"log lines {'JSON' if settings.log_json != 'false' else 'text'} to a file, "
-        f"rate limit {'off' if not settings.rate_limit_per_s else settings.rate_limit_per_s}"
-    )
-
-
-async def seed(env: dict[str, str], users: int) -> dict[str, Any]:
-    """Segments through the service, memberships by COPY, then timed cache rebuilds."""
-    container = await build(load_settings(env))
-    try:
-        for i in range(SEGMENTS):
-            await container.segments.create_segment(f"SEG_{i}")
-        ids = sorted((await container.store.registry()).segments)
-        conn = await asyncpg.connect(env["SEGMENTS_DATABASE_URL"])
-        await copy_users(conn, ids, users, PER_USER)
-        # As a long-running database would be: hint bits set, statistics fresh.
-        await conn.execute("VACUUM ANALYZE")
-        await conn.close()
-        # Three timed rebuilds, each after a flush: one sample on a shared machine is
-        # as much noise as figure (232-323k in three runs of one day).  The median is
-        # the figure.  Memory is measured on the first copy, made into an empty Redis
-        # (after a FLUSHALL, Valkey may free the old copy lazily).
-        redis = container.cache._r
-        await redis.flushall()
-        before = (await redis.info("memory"))["used_memory"]
-        times: list[float] = []
-        after = before
-        for attempt in range(3):
-            if attempt:
-                await redis.flushall()
-            started = time.perf_counter()
-            assert await container.segments.rebuild_cache()
-            times.append(time.perf_counter() - started)
-            if not attempt:
-                # The registry and meta keys are a few hundred bytes: the delta is users.
-                after = (await redis.info("memory"))["used_memory"]
-        rebuild_s = median(times)
-        return {
-            "rebuild_s": rebuild_s,
-            "memberships_per_s": users * PER_USER / rebuild_s,
-            "rebuild_rates": [users * PER_USER / t for t in times],
-            "bytes_per_user": (after - before) / users,
-        }
-    finally:
-        await container.close()
-
-
-def api(port: int, workers: int = 1) -> list[str]:
-    return ["-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)]
-
-
-@dataclass(frozen=True)
-class Run:
-    """One measured wrk run against one server, with the CPU each party used."""
-
-    wrk: WrkResult
-    seconds: float  # wall time of the run
-    api_cpu_s: float  # the server's processes
-    valkey_cpu_s: float
-    wrk_cpu_s: float
-
-    @property
-    def us_per_request(self) -> float:
-        return self.api_cpu_s / max(self.wrk.requests, 1) * 1e6
-
-    def cores(self) -> tuple[float, float, float]:
-        """API, Valkey and wrk, in cores (CPU seconds per second)."""
-        s = self.seconds
-        return self.api_cpu_s / s, self.valkey_cpu_s / s, self.wrk_cpu_s / s
-
-
-@dataclass
-class Subject:
-    name: str
-    port: int
-    pids: Callable[[], list[int]]  # the server's processes, now
-
-
-class Bench:
-    def __init__(self, users: int, seconds: int, valkey_pid: int, token: str) -> None:
-        self.users, self.seconds, self.valkey_pid = users, seconds, valkey_pid
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    def wrk(self, port: int, seconds: int) -> WrkResult:
-        url = f"http://127.0.0.1:{port}/v1/users/1/segments"
-        return run_wrk(
-            url, users=self.users, seconds=seconds, connections=CONNECTIONS, headers=self.headers
-        )
-
-    def warm_up(self, subject: Subject) -> None:
-        """A short run first; with several workers, until every one of them answers
-        (SO_REUSEPORT spreads connections only among the workers already listening)."""
-        for _ in range(10):
-            pids = subject.pids()
-            before = cpu_seconds(pids)
-            self.wrk(subject.port, 2)
-            after = cpu_seconds(pids)
-            busy = [p for p in pids if after.get(p, 0.0) - before.get(p, 0.0) > 0.1]
-            if len(busy) >= len(pids) - (len(pids) > 1):  # a supervisor only watches
-                return
-        raise RuntimeError(f"{subject.name}: not every worker answered")
-
-    def measure(self, subject: Subject) -> Run:
-        self.warm_up(subject)
-        pids = subject.pids()
-        before = cpu_seconds([*pids, self.valkey_pid])
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.monotonic()
-        result = self.wrk(subject.port, self.seconds)
-        elapsed = time.monotonic() - started
-        after = cpu_seconds([*pids, self.valkey_pid])
-        done = resource.getrusage(resource.RUSAGE_CHILDREN)
-        wrk = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
-        api_cpu = sum(after[p] - before.get(p, 0.0) for p in pids if p in after)
-        valkey = after.get(self.valkey_pid, 0.0) - before.get(self.valkey_pid, 0.0)
-        return Run(result, elapsed, api_cpu, valkey, wrk)
-
-
-def batch_lookups(port: int, users: int, seconds: float, headers: dict[str, str]) -> float:
-    """User lookups/s through POST /v1/users/segments:batch, 1,000 ids per request."""
-
-    async def run() -> float:
-        import aiohttp
-
-        done = 0
-        stop = time.monotonic() + seconds
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers=headers) as http:
-
-            async def worker(seed: int) -> None:
-                nonlocal done
-                start = seed * 1000
-                while time.monotonic() < stop:
-                    ids = [(start + i) % users + 1 for i in range(1000)]
-                    async with http.post("/v1/users/segments:batch", json={"user_ids": ids}) as r:
-                        assert r.status == 200
-                        await r.read()
-                    done += 1000
-                    start += 8000
-
-            await asyncio.gather(*(worker(i) for i in range(8)))
-        return done / seconds
-
-    return asyncio.run(run())
-
-
-def _call(port: int, method: str, path: str, token: str, body: object = None) -> int:
-    data = None if body is None else orjson.dumps(body)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=5) as response:  # nosec B310: loopback
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-@contextmanager
-def auto_segments(port: int, token: str) -> Iterator[None]:
-    """AUTO_SEGMENTS percentage segments (10% each), defined for the block."""
-    for i in range(AUTO_SEGMENTS):
-        body = {"slug": f"AUTO_{i}", "auto_percent": 10}
-        assert _call(port, "POST", "/v1/segments", token, body) == 201
-    try:
-        yield
-    finally:
-        for i in range(AUTO_SEGMENTS):
-            assert _call(port, "DELETE", f"/v1/segments/AUTO_{i}", token) == 204
 
 
 def _log_lines(path: str) -> int:
@@ -310,8 +98,8 @@ def main() -> None:
             read = "/v1/users/1/segments"
             # The configuration is in force: reads are refused without a token (or not).
             expected = 200 if a.open_reads else 401
-            assert _call(ports["api1"], "GET", read, "") == expected
-            assert _call(ports["api1"], "GET", read, token) == 200
+            assert call(ports["api1"], "GET", read, "") == expected
+            assert call(ports["api1"], "GET", read, token) == 200
             subjects = {
                 "bare": Subject("bare", ports["bare"], lambda: [procs["bare"].pid]),
                 "api1": Subject("api1", ports["api1"], lambda: [procs["api1"].pid]),

@@ -59,6 +59,15 @@ def server(
             err.close()  # type: ignore[union-attr]
 
 
+async def execute(dsn: str, statement: str) -> None:
+    """One statement on a connection of its own (a benchmark's scratch table)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 async def copy_users(
     conn: asyncpg.Connection, segment_ids: Sequence[int], users: int, per_user: int
 ) -> None:

@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 
 from bench.measure import cpu_seconds, median
-from bench.stack import bench_stack, server
+from bench.stack import bench_stack, execute, server
 from bench.wrk import WrkResult, run_script
 from devstack import EmbeddedPostgres, free_port
 from service.settings import Settings
@@ -177,15 +177,12 @@ def get_json(port: int, path: str) -> object:
 
 
 async def prepare(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            f"CREATE TABLE {SCRATCH} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-            " user_id bigint NOT NULL, segment_id bigint NOT NULL,"
-            " created_at timestamptz NOT NULL DEFAULT now())"
-        )
-    finally:
-        await conn.close()
+    await execute(
+        dsn,
+        f"CREATE TABLE {SCRATCH} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " user_id bigint NOT NULL, segment_id bigint NOT NULL,"
+        " created_at timestamptz NOT NULL DEFAULT now())",
+    )
 
 
 async def check(dsn: str, redis_url: str, port: int) -> dict[str, object]:

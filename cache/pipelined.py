@@ -1,14 +1,13 @@
 """A small auto-pipelining Redis client for the hot read path.
 
-Why it exists: on this service's 2-core machine (aiohttp, one worker, 64 connections) a
-bare handler serves ~36k req/s; adding one redis-py asyncio call per request drops that
-to ~9.9k req/s, i.e. the library client costs ~2.7x the framework's whole per-request
-time (valkey-glide measured 0.44x of bare, ~1.3x; coredis was slower than redis-py
-here). Redis itself is not the bottleneck: the cost is the client's per-command Python
+Why it exists: one redis-py asyncio call per request cost more than the framework's
+whole per-request time (other clients did no better; figures in docs/performance.md).
+Redis itself is not the bottleneck: the cost is the client's per-command Python
 overhead (pool checkout, stream reads, per-call timeouts). One connection that writes
 every command queued in an event-loop iteration with a single ``transport.write`` and
-parses replies with hiredis gets ~27k req/s (0.75x of bare).  (Commands are now
-written in groups of a few, see ``_FLUSH_AT``, so that Redis works while the API does.)
+parses replies with hiredis gets most of the bare handler's throughput back.  (Commands
+are now written in groups of a few, see ``_FLUSH_AT``, so that Redis works while the
+API does.)
 
 Design:
 - ``asyncio.Protocol`` instead of streams: replies are parsed straight from
@@ -35,14 +34,8 @@ from redis import exceptions as rexc
 Arg = bytes | str | int | float
 
 # Commands queued before they are written without waiting for the end of the loop
-# iteration.  One write per iteration made the API and Redis take turns: under wrk (64
-# connections) every request of an iteration waited for Redis while the API had
-# nothing to do (0.86-0.94 of a core busy).  Writing every 4 commands lets Redis start
-# while the API still parses requests: 0.99 of a core, 16.6k -> 18.8k req/s (mean of 4
-# alternating rounds, one stack), for ~15% more Redis CPU a read (more, smaller reads).
-# Every 8 did better still (one stack, alternating 6 s wrk rounds, median req/s: 4 ->
-# 19.9k, 8 -> 21.2k, 16 -> 20.7k; then 4 -> 16.8k, 8 -> 19.3k, 8 ahead in 4 of 5
-# rounds): fewer writes and replies per request, and Redis still starts early.
+# iteration: writing early lets Redis start while the API still parses requests instead
+# of the two taking turns, and 8 measured best (figures in docs/performance.md).
 _FLUSH_AT = 8
 
 # The few error prefixes callers may want to tell apart (subclasses of redis-py's
@@ -246,8 +239,8 @@ class PipelinedPool:
     """A few connections used round-robin, replaced lazily and without blocking callers.
 
     One connection already pipelines everything, so the default size is 1: a second one
-    keeps some traffic flowing while one slot reconnects, but measured 0-25% slower here
-    (two writes and two reads per loop iteration; see bench/redis_clients.py).
+    keeps some traffic flowing while one slot reconnects, but was slower here (two
+    writes and two reads per loop iteration; bench/redis_clients.py, docs/performance.md).
     While a slot is broken its callers go to the other slots, or get ``ConnectionError``
     at once if none is up; reconnects run in the background, at most one per slot every
     100 ms.

@@ -24,10 +24,8 @@ it needs and streams the CSV, in one repeatable-read snapshot, on one connection
    there by user and slug (in the database's collation: PostgreSQL counts, for each
    of its rows, the class rows whose slug sorts first).
 
-Measured with bench/report_history.py (1,000,000 stored facts in a month, a rule
-created at 10 % and raised to 30 % over 1,000,000 known users: 1,287,982 rows, 64 MB):
-the report took 3.3-4.1 s through the API (4.7x its ceiling) when the classes' rows
-went through temporary tables into one sort of all the rows, after the hashing; see
+The classes' rows once went through temporary tables into one sort of all the rows,
+after the hashing, which was much slower (figures in docs/performance.md); see
 ``write_csv`` for what each step saves.
 
 The package: ``queries`` (the SQL text, the cells' formatting), ``derive`` (step 1:

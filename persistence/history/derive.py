@@ -36,9 +36,8 @@ from service.domain.history import (
 from service.domain.rules import BUCKETS, USER_ID_MAX, bucket
 
 # Pairs replayed, users hashed, between two looks at the connection (a few
-# milliseconds at most): each statement the next batch's reads send waits for a look.
-# (Hashing 100,000 users between looks, a statement once waited 0.4-0.5 s, PostgreSQL
-# idle.)
+# milliseconds at most): each statement the next batch's reads send waits for a look
+# (figures in docs/performance.md).
 REPLAY_SLICE = 100
 CLASSIFY_SLICE = 10_000
 

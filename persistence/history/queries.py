@@ -62,10 +62,9 @@ RULE_ROWS = (
 )
 
 # A batch of known users: their ids in decimal, a line each, as the bucket's key wants
-# them, in one value, one round trip.  (A text COPY costs PostgreSQL less, 12-15
-# against 22 ms a batch, but asyncpg hands its data over a socket read at a time, so
-# it moves on only as often as the replay looks up: step 1 took 0.60-0.71 s either
-# way.)
+# them, in one value, one round trip.  (A text COPY costs PostgreSQL less, but asyncpg
+# hands its data over a socket read at a time, so it gained nothing: figures in
+# docs/performance.md.)
 KNOWN = (
     "SELECT convert_to(string_agg(user_id::text, E'\\n' ORDER BY user_id) || E'\\n', 'UTF8')"
     " FROM (SELECT user_id FROM user_versions WHERE user_id > $1 ORDER BY user_id LIMIT $2) v"
@@ -88,10 +87,9 @@ def cells_sql(row: str, formula: int, month: str) -> str:
     formula gets an apostrophe (${formula}: the code points of those starts), the
     operation its name (${formula + 1}, ${formula + 2}), the time ISO 8601 in UTC.
 
-    Cheaper forms, measured on the final query of bench/report_history.py (A/B, same
-    output, median of 8): ``ascii(slug)`` against the codes rather than ``left(slug,
-    1)`` against the characters, and the time's year and month written in (``month``,
-    every row is in the report's month) rather than formatted: 1.10 s against 1.23 s."""
+    The cheaper forms (measured: docs/performance.md): ``ascii(slug)`` against the codes
+    rather than ``left(slug, 1)`` against the characters, and the time's year and month
+    written in (``month``, every row is in the report's month) rather than formatted."""
     return (
         f"{row}.user_id AS user_id,"
         f" CASE WHEN ascii({row}.slug) = ANY(${formula}::int[])"

@@ -28,8 +28,8 @@ from service.domain.history import rule_classes
 # facts, what is derived for it).
 REPORT_BATCH = 100_000
 
-# work_mem of a report's transaction: the final query's sorts (one per parallel
-# process: about 40 MB each in the benchmark).
+# work_mem of a report's transaction: the final query's sorts, one per parallel process
+# (their size in docs/performance.md).
 REPORT_WORK_MEM = "128MB"
 
 # The final query's cost of a row passed between parallel processes (write_csv).
@@ -57,22 +57,13 @@ async def write_csv(
     """The report's CSV rows (no header) in time order, from one snapshot (the package's
     docstring says how).
 
-    What each part saves, measured with bench/report_history.py on a shared 2-core
-    machine (medians of alternating rounds; the same CSV, byte for byte):
-
-    * the classes' rows (294,212 in the benchmark) written at the markers rather than
-      through temporary tables into PostgreSQL's sort and formatting, the users hashed
-      from PostgreSQL's text (``history.Members``: 0.24-0.36 s for 1,000,000 users and
-      two class rows, against 0.57-0.67 s): 2.2-2.5 s in-process, from 3.0-3.7 s;
-    * parallel workers formatting and sorting the stored facts: 1.9-2.0 s in-process,
-      2.67 s through the API against 2.85 s;
-    * cheaper cells (``cells_sql``): the final query 1.10 s against 1.23 s.
-
-    Tried and not kept: handing the sink 256 kB at a time (the API took as long, 1.89
-    against 1.78 s; only the client's CPU halved); hashing while PostgreSQL sorts
-    rather than between step 1's reads (as fast, 1.95-2.12 s against 2.05-2.08 s, with
-    one more task); a streaming plan (a parallel index scan and incremental sort:
-    no faster, and the first marker would wait for the hashing).
+    What saves time, each part measured with bench/report_history.py (figures in
+    docs/performance.md, "Figures behind the code"): the classes' rows written at the
+    markers rather than through temporary tables into PostgreSQL's sort and formatting,
+    the users hashed from PostgreSQL's text (``history.Members``); parallel workers
+    formatting and sorting the stored facts; cheaper cells (``cells_sql``).  Tried and
+    not kept, as no faster: handing the sink 256 kB at a time, hashing while PostgreSQL
+    sorts, a streaming plan (and with it the first marker would wait for the hashing).
     """
     if parallel_workers is not None:
         await conn.execute(f"SET LOCAL max_parallel_workers_per_gather = {int(parallel_workers)}")
@@ -115,8 +106,8 @@ async def write_csv(
             )
             instants = Instants(sink, spool, batches, classes, theirs)
         # Parallel workers format and sort the stored facts (at PostgreSQL's default
-        # cost of a row passed between processes, 0.1, the plan stays serial): 1.9-2.0
-        # s against 2.2-2.5 s for the report in-process (see above).
+        # cost of a row passed between processes, 0.1, the plan stays serial), which
+        # made the report faster (figures in docs/performance.md).
         await conn.execute(f"SET LOCAL parallel_tuple_cost = {REPORT_PARALLEL_TUPLE_COST}")
         token = secrets.token_hex(16)
         markers = Markers(sink, token.encode(), instants)

@@ -40,8 +40,7 @@ class FrontDoor:
     ) -> None:
         # Plain functions that return the next awaitable rather than coroutines that
         # await it: each coroutine level costs a frame and a pass on every suspension
-        # and resumption (in-process, 64 reads in flight, replies a loop iteration
-        # later: 14.3 -> 13.8 us a read through the door).
+        # and resumption (figures in docs/performance.md).
         def handler(request: web.Request) -> Awaitable[web.StreamResponse]:
             return read(request.path[len(_PREFIX) : -len(_SUFFIX)])
 

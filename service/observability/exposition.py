@@ -19,61 +19,47 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from service.observability.metrics import (
-    BUILD_INFO,
-    CACHE_COMPLETE,
-    CP_CALLS,
-    CP_SECONDS,
-    DB_ACQUIRE_TIMEOUTS,
-    DB_POOL_IN_USE,
-    DB_POOL_IN_USE_PEAK,
-    DB_POOL_SIZE,
-    DB_POOL_WAITING,
-    DIVERGENCE_FOUND,
-    DIVERGENCE_REPAIRED,
-    KAFKA_APPLIED,
-    KAFKA_DLQ,
-    KAFKA_LAG,
-    LATENCY,
-    OUTBOX_AGE,
-    OUTBOX_ROWS,
-    PROMO_ERRORS,
-    READS,
-    REBUILD_EXPECTED,
-    REBUILD_WRITTEN,
-    REQUESTS,
-    SYNC_AGE,
-    SYNC_COUNTS_REPAIRED,
-    SYNCS,
-    WRITE_CONFLICTS,
-)
+from service.observability import metrics
 
 # What each kind of process exposes: its own families only (the API has no Kafka
 # consumer, the consumer serves no HTTP), plus the process, platform and GC collectors.
 API, CONSUMER, RECONCILER = "api", "consumer", "reconciler"
 _EVERY_PROCESS: tuple[MetricWrapperBase, ...] = (
-    BUILD_INFO,
-    DB_POOL_IN_USE,
-    DB_POOL_IN_USE_PEAK,
-    DB_POOL_WAITING,
-    DB_POOL_SIZE,
-    DB_ACQUIRE_TIMEOUTS,
+    metrics.BUILD_INFO,
+    metrics.DB_POOL_IN_USE,
+    metrics.DB_POOL_IN_USE_PEAK,
+    metrics.DB_POOL_WAITING,
+    metrics.DB_POOL_SIZE,
+    metrics.DB_ACQUIRE_TIMEOUTS,
 )
 # Promo syncs and CP calls happen in the API, and in the reconciler (its undo work).
-_PROMOS = (CP_CALLS, CP_SECONDS, SYNCS, PROMO_ERRORS)
-_CACHE = (CACHE_COMPLETE, SYNC_AGE, REBUILD_WRITTEN, REBUILD_EXPECTED)
+_PROMOS = (metrics.CP_CALLS, metrics.CP_SECONDS, metrics.SYNCS, metrics.PROMO_ERRORS)
+_CACHE = (
+    metrics.CACHE_COMPLETE,
+    metrics.SYNC_AGE,
+    metrics.REBUILD_WRITTEN,
+    metrics.REBUILD_EXPECTED,
+)
 FAMILIES: dict[str, tuple[MetricWrapperBase, ...]] = {
-    API: (*_EVERY_PROCESS, REQUESTS, LATENCY, READS, WRITE_CONFLICTS, *_PROMOS, *_CACHE),
-    CONSUMER: (*_EVERY_PROCESS, KAFKA_APPLIED, KAFKA_DLQ, KAFKA_LAG),
+    API: (
+        *_EVERY_PROCESS,
+        metrics.REQUESTS,
+        metrics.LATENCY,
+        metrics.READS,
+        metrics.WRITE_CONFLICTS,
+        *_PROMOS,
+        *_CACHE,
+    ),
+    CONSUMER: (*_EVERY_PROCESS, metrics.KAFKA_APPLIED, metrics.KAFKA_DLQ, metrics.KAFKA_LAG),
     RECONCILER: (
         *_EVERY_PROCESS,
         *_PROMOS,
         *_CACHE,
-        DIVERGENCE_FOUND,
-        DIVERGENCE_REPAIRED,
-        SYNC_COUNTS_REPAIRED,
-        OUTBOX_ROWS,
-        OUTBOX_AGE,
+        metrics.DIVERGENCE_FOUND,
+        metrics.DIVERGENCE_REPAIRED,
+        metrics.SYNC_COUNTS_REPAIRED,
+        metrics.OUTBOX_ROWS,
+        metrics.OUTBOX_AGE,
     ),
 }
 _registries: dict[str, CollectorRegistry] = {}
@@ -106,9 +92,9 @@ class _Only(Collector):
 def set_cache_gauges(complete: bool, freshness: Mapping[str, float] | None, now: float) -> None:
     """The cache's gauges from its meta hash (``RedisCache.freshness``; None when it
     could not be read, which leaves the age as it was)."""
-    CACHE_COMPLETE.set(1 if complete else 0)
+    metrics.CACHE_COMPLETE.set(1 if complete else 0)
     if freshness is not None and "synchronized_on" in freshness:
-        SYNC_AGE.set(now - freshness["synchronized_on"])
+        metrics.SYNC_AGE.set(now - freshness["synchronized_on"])
 
 
 def metrics_text(process: str = API) -> tuple[bytes, str]:

@@ -9,95 +9,15 @@ Usage::
 
 Results are msgspec Structs (``models``), errors subclasses of ``SegmentsError``, one
 per error code of the API (``errors``); 429 and 503 answers are retried honouring
-``Retry-After`` (``client``).
+``Retry-After`` (``client``).  The names exported here are the client's and every name
+of ``errors`` and ``models`` (their ``__all__``).
 """
 
+from user_segments_client import errors, models
 from user_segments_client.client import BATCH_MAX_USERS, VERSION, SegmentsClient
-from user_segments_client.errors import (
-    AudienceEmpty,
-    AudienceNotFound,
-    Conflict,
-    CpError,
-    CpRejected,
-    CpUnavailable,
-    Forbidden,
-    InvalidLink,
-    InvalidRequest,
-    LinkExpired,
-    MalformedJson,
-    NotFound,
-    OutcomeUnknown,
-    PayloadTooLarge,
-    PromoCancelled,
-    PromoConflict,
-    PromoNotFound,
-    RateLimited,
-    ReportLinkError,
-    SegmentExists,
-    SegmentNotFound,
-    SegmentsError,
-    ServiceUnavailable,
-    StorageUnavailable,
-    SyncInProgress,
-    Unauthorized,
-    UnsupportedMediaType,
-    ValidationError,
-)
-from user_segments_client.models import (
-    AddSegment,
-    Audience,
-    ExplanationSource,
-    PromoState,
-    PromoStatus,
-    ReportLink,
-    Rule,
-    Segment,
-    SegmentExplanation,
-    SyncResult,
-)
+from user_segments_client.errors import *  # noqa: F403  (the names in errors.__all__)
+from user_segments_client.models import *  # noqa: F403  (the names in models.__all__)
 
 __version__ = VERSION
 
-__all__ = [
-    "BATCH_MAX_USERS",
-    "AddSegment",
-    "Audience",
-    "AudienceEmpty",
-    "AudienceNotFound",
-    "Conflict",
-    "CpError",
-    "CpRejected",
-    "CpUnavailable",
-    "ExplanationSource",
-    "Forbidden",
-    "InvalidLink",
-    "InvalidRequest",
-    "LinkExpired",
-    "MalformedJson",
-    "NotFound",
-    "OutcomeUnknown",
-    "PayloadTooLarge",
-    "PromoCancelled",
-    "PromoConflict",
-    "PromoNotFound",
-    "PromoState",
-    "PromoStatus",
-    "RateLimited",
-    "ReportLink",
-    "ReportLinkError",
-    "Rule",
-    "Segment",
-    "SegmentExists",
-    "SegmentExplanation",
-    "SegmentNotFound",
-    "SegmentsClient",
-    "SegmentsError",
-    "ServiceUnavailable",
-    "StorageUnavailable",
-    "SyncInProgress",
-    "SyncResult",
-    "Unauthorized",
-    "UnsupportedMediaType",
-    "ValidationError",
-    "__version__",
-]
+__all__ = ["BATCH_MAX_USERS", "SegmentsClient", "__version__", *errors.__all__, *models.__all__]

@@ -14,27 +14,16 @@ the call's time or point at a service that is down).
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import email.utils
-import math
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
-from urllib.parse import quote
+from typing import Any, Literal, Self
 
 import aiohttp
 import msgspec
 
 from user_segments_client import models
-from user_segments_client.errors import (
-    RateLimited,
-    SegmentsError,
-    ServiceUnavailable,
-    SyncInProgress,
-    error_from,
-)
+from user_segments_client.errors import SegmentsError, ServiceUnavailable
 from user_segments_client.models import (
     AddSegment,
     Audience,
@@ -44,29 +33,23 @@ from user_segments_client.models import (
     SegmentExplanation,
     SyncResult,
 )
+from user_segments_client.paths import (
+    audience_path,
+    check_echo,
+    checked_id,
+    customers_path,
+    promo_path,
+    segment_path,
+)
+from user_segments_client.transport import VERSION as VERSION
+from user_segments_client.transport import Transport
+from user_segments_client.transport import parse_retry_after as parse_retry_after
 
 __all__ = ["BATCH_MAX_USERS", "SegmentsClient"]
-
-T = TypeVar("T")
-
-VERSION = "0.1.0"
 
 BATCH_MAX_USERS = 1000
 """The most user ids one ``POST /v1/users/segments:batch`` takes; ``batch_user_segments``
 splits longer lists into calls of this size."""
-
-# The first retry waits about this long when the answer has no Retry-After; each further
-# one twice as long.  Short, because a 503 or a promo lock usually clears within moments.
-_BACKOFF_BASE_S = 0.2
-
-_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
-
-
-def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
-    dec = _DECODERS.get(kind)
-    if dec is None:
-        dec = _DECODERS[kind] = msgspec.json.Decoder(kind)
-    return dec
 
 
 class SegmentsClient:
@@ -92,26 +75,23 @@ class SegmentsClient:
         max_attempts: int = 3,
         max_retry_wait_s: float = 5.0,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if max_retry_wait_s < 0:
-            raise ValueError("max_retry_wait_s must be >= 0")
-        self.base_url = base_url.rstrip("/")
-        self._timeout_s = timeout_s
-        self._max_attempts = max_attempts
-        self._max_retry_wait_s = max_retry_wait_s
-        self._session = session
-        self._owns_session = session is None
-        self._closed = False
-        self._open_headers = {
-            "Accept": "application/json",
-            "User-Agent": f"user-segments-client/{VERSION}",
-        }
-        self._headers = dict(self._open_headers)
-        if token is not None:
-            self._headers["Authorization"] = f"Bearer {token}"
+        self._http = Transport(
+            base_url,
+            token=token,
+            timeout_s=timeout_s,
+            session=session,
+            max_attempts=max_attempts,
+            max_retry_wait_s=max_retry_wait_s,
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The service's URL (without a trailing slash) that paths are appended to."""
+        return self._http.base_url
+
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        self._http.base_url = value
 
     # --- Segments -----------------------------------------------------------------------
 
@@ -129,16 +109,16 @@ class SegmentsClient:
             body["auto_percent"] = auto_percent
         if description is not None:
             body["description"] = description
-        return await self._call("POST", "/v1/segments", Segment, body)
+        return await self._http.call("POST", "/v1/segments", Segment, body)
 
     async def list_segments(self) -> list[Segment]:
         """The live segments."""
-        answer = await self._call("GET", "/v1/segments", models._SegmentList)
+        answer = await self._http.call("GET", "/v1/segments", models._SegmentList)
         return answer.segments
 
     async def get_segment(self, slug: str) -> Segment:
         """One live segment; ``SegmentNotFound`` if there is none with that slug."""
-        return await self._call("GET", _segment_path(slug), Segment)
+        return await self._http.call("GET", segment_path(slug), Segment)
 
     async def update_segment(
         self,
@@ -154,21 +134,21 @@ class SegmentsClient:
             body["auto_percent"] = auto_percent
         if description is not msgspec.UNSET:
             body["description"] = description
-        return await self._call("PATCH", _segment_path(slug), Segment, body)
+        return await self._http.call("PATCH", segment_path(slug), Segment, body)
 
     async def delete_segment(self, slug: str) -> None:
         """Delete a segment: it leaves every user at once (each member gets a ``remove``
         in history), and a later segment with the same slug starts empty."""
-        await self._send("DELETE", _segment_path(slug))
+        await self._http.send("DELETE", segment_path(slug))
 
     # --- Users --------------------------------------------------------------------------
 
     async def get_user_segments(self, user_id: int) -> list[str]:
         """The user's active segments, slugs sorted; ``[]`` for a user never seen (or the
         percentage segments that include them)."""
-        uid = _id(user_id, "user_id")
-        answer = await self._call("GET", f"/v1/users/{uid}/segments", models._UserSegments)
-        _check_echo("user", uid, answer.user_id)
+        uid = checked_id(user_id, "user_id")
+        answer = await self._http.call("GET", f"/v1/users/{uid}/segments", models._UserSegments)
+        check_echo("user", uid, answer.user_id)
         return answer.segments
 
     async def update_user_segments(
@@ -184,10 +164,12 @@ class SegmentsClient:
         ``expires_at``.  ``SegmentNotFound`` (every unknown slug in
         ``details["slugs"]``) changes nothing.
         """
-        uid = _id(user_id, "user_id")
+        uid = checked_id(user_id, "user_id")
         body = {"add": list(add), "remove": list(remove)}
-        answer = await self._call("POST", f"/v1/users/{uid}/segments", models._UserSegments, body)
-        _check_echo("user", uid, answer.user_id)
+        answer = await self._http.call(
+            "POST", f"/v1/users/{uid}/segments", models._UserSegments, body
+        )
+        check_echo("user", uid, answer.user_id)
         return answer.segments
 
     async def batch_user_segments(self, user_ids: Iterable[int]) -> dict[int, list[str]]:
@@ -196,11 +178,11 @@ class SegmentsClient:
         One ``POST /v1/users/segments:batch`` per ``BATCH_MAX_USERS`` distinct ids, one
         after the other (the retries and ``timeout_s`` apply to each call).
         """
-        ids = list(dict.fromkeys(_id(u, "user_id") for u in user_ids))
+        ids = list(dict.fromkeys(checked_id(u, "user_id") for u in user_ids))
         found: dict[int, list[str]] = {}
         for start in range(0, len(ids), BATCH_MAX_USERS):
             chunk = ids[start : start + BATCH_MAX_USERS]
-            answer = await self._call(
+            answer = await self._http.call(
                 "POST", "/v1/users/segments:batch", models._BatchSegments, {"user_ids": chunk}
             )
             missing = set(chunk) - answer.users.keys()
@@ -214,11 +196,11 @@ class SegmentsClient:
     async def explain_user_segments(self, user_id: int) -> list[SegmentExplanation]:
         """Why the user is or is not in each live segment that includes them or has an
         override for them (read from PostgreSQL: for investigating, not for serving)."""
-        uid = _id(user_id, "user_id")
-        answer = await self._call(
+        uid = checked_id(user_id, "user_id")
+        answer = await self._http.call(
             "GET", f"/v1/users/{uid}/segments:explain", models._UserExplanation
         )
-        _check_echo("user", uid, answer.user_id)
+        check_echo("user", uid, answer.user_id)
         return answer.segments
 
     # --- Merchant audiences -------------------------------------------------------------
@@ -229,7 +211,9 @@ class SegmentsClient:
         """Replace the merchant's ``segment_type`` audience (up to 1,000,000 ids in one
         body; readers see the old list or the new one).  Needs the ``internal`` scope."""
         body = {"customer_ids": list(customer_ids)}
-        return await self._call("PUT", _customers_path(merchant_id, segment_type), Audience, body)
+        return await self._http.call(
+            "PUT", customers_path(merchant_id, segment_type), Audience, body
+        )
 
     async def patch_audience(
         self,
@@ -241,11 +225,13 @@ class SegmentsClient:
     ) -> Audience:
         """Add and remove customers of the audience (created by its first change)."""
         body = {"add": list(add), "remove": list(remove)}
-        return await self._call("PATCH", _customers_path(merchant_id, segment_type), Audience, body)
+        return await self._http.call(
+            "PATCH", customers_path(merchant_id, segment_type), Audience, body
+        )
 
     async def get_audience(self, merchant_id: int, segment_type: str) -> Audience:
         """Size, version and last change; ``AudienceNotFound`` if there is none."""
-        return await self._call("GET", _audience_path(merchant_id, segment_type), Audience)
+        return await self._http.call("GET", audience_path(merchant_id, segment_type), Audience)
 
     # --- Promo sync ---------------------------------------------------------------------
 
@@ -268,14 +254,14 @@ class SegmentsClient:
         """
         if isinstance(end_date, datetime.datetime) or not isinstance(end_date, datetime.date):
             raise TypeError("end_date must be a datetime.date (not a datetime)")
-        path = _audience_path(merchant_id, segment_type) + "/sync"
+        path = audience_path(merchant_id, segment_type) + "/sync"
         body = {"promo_id": promo_id, "end_date": end_date.isoformat()}
-        return await self._call("POST", path, SyncResult, body)
+        return await self._http.call("POST", path, SyncResult, body)
 
     async def promo_status(self, promo_id: str) -> PromoStatus:
         """The promo's sync state and counts; ``PromoNotFound`` if the service has none."""
-        answer = await self._call("GET", _promo_path(promo_id), PromoStatus)
-        _check_echo("promo", promo_id, answer.promo_id)
+        answer = await self._http.call("GET", promo_path(promo_id), PromoStatus)
+        check_echo("promo", promo_id, answer.promo_id)
         return answer
 
     async def cancel_promo(self, promo_id: str) -> None:
@@ -284,13 +270,13 @@ class SegmentsClient:
         Cancelling a cancelled promo is fine; an unknown one raises ``PromoNotFound``.  A
         cancelled promo cannot be synced again (``PromoCancelled``).
         """
-        await self._send("DELETE", _promo_path(promo_id))
+        await self._http.send("DELETE", promo_path(promo_id))
 
     async def sync_count(self, customer_id: int) -> int:
         """How many active (not yet expired) promo segments the customer was synced into."""
-        cid = _id(customer_id, "customer_id")
-        answer = await self._call("GET", f"/v1/customers/{cid}/sync-count", models._SyncCount)
-        _check_echo("customer", cid, answer.customer_id)
+        cid = checked_id(customer_id, "customer_id")
+        answer = await self._http.call("GET", f"/v1/customers/{cid}/sync-count", models._SyncCount)
+        check_echo("customer", cid, answer.customer_id)
         return answer.active_synced_segments
 
     # --- History reports ----------------------------------------------------------------
@@ -305,8 +291,8 @@ class SegmentsClient:
             period = f"{period.year:04d}-{period.month:02d}"
         body: dict[str, Any] = {"period": period}
         if user_id is not None:
-            body["user_id"] = _id(user_id, "user_id")
-        return await self._call("POST", "/v1/reports/history", ReportLink, body)
+            body["user_id"] = checked_id(user_id, "user_id")
+        return await self._http.call("POST", "/v1/reports/history", ReportLink, body)
 
     async def download_report(
         self, link: ReportLink | str, *, lang: Literal["en", "ru"] | None = None
@@ -336,8 +322,7 @@ class SegmentsClient:
         if url.startswith("/"):
             url = self.base_url + url
         params: dict[str, str] = {} if lang is None else {"lang": lang}
-        headers = {**self._open_headers, "Accept": "text/csv"}
-        response = await self._retrying(lambda left: self._open_stream(url, params, headers, left))
+        response = await self._http.open_stream(url, params, "text/csv")
         done = False
         try:
             async for chunk in response.content.iter_chunked(chunk_size):
@@ -357,10 +342,7 @@ class SegmentsClient:
 
     async def close(self) -> None:
         """Close the client's own session (a session passed in is left open)."""
-        self._closed = True
-        session, self._session = self._session, None
-        if session is not None and self._owns_session:
-            await session.close()
+        await self._http.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -372,183 +354,3 @@ class SegmentsClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    # --- Transport ----------------------------------------------------------------------
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise RuntimeError("the client is closed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    async def _call(self, method: str, path: str, kind: type[T], body: Any = None) -> T:
-        """One JSON call, its answer decoded as ``kind``."""
-        status, raw = await self._send(method, path, body)
-        try:
-            return _decoder(kind).decode(raw)
-        except msgspec.DecodeError as exc:  # msgspec.ValidationError is a DecodeError
-            raise SegmentsError(
-                status, "invalid_response", f"{method} {path}: unexpected answer: {exc}"
-            ) from exc
-
-    async def _send(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-        """One call with its retries: the status and body of its successful answer."""
-        headers = self._headers
-        data = None
-        if body is not None:
-            data = msgspec.json.encode(body)
-            headers = {**headers, "Content-Type": "application/json"}
-        url = self.base_url + path
-        return await self._retrying(lambda left: self._attempt(method, url, data, headers, left))
-
-    async def _retrying(self, attempt: Callable[[float], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout_s
-        tried = 1
-        while True:
-            try:
-                return await attempt(deadline - loop.time())
-            except SegmentsError as exc:
-                if tried >= self._max_attempts or not _retryable(exc):
-                    raise
-                wait = self._wait_before_retry(exc.retry_after_s, tried)
-                # A retry that cannot get an answer before the deadline would only turn
-                # this error into a timeout: give the caller the real reason instead.
-                if loop.time() + wait >= deadline:
-                    raise
-                await asyncio.sleep(wait)
-                tried += 1
-
-    async def _attempt(
-        self,
-        method: str,
-        url: str,
-        data: bytes | None,
-        headers: dict[str, str],
-        time_left_s: float,
-    ) -> tuple[int, bytes]:
-        session = self._get_session()
-        try:
-            async with session.request(
-                method,
-                url,
-                data=data,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=max(time_left_s, 0.001)),
-                raise_for_status=False,
-            ) as response:
-                status = response.status
-                raw = await response.read()
-                retry_after = response.headers.get("Retry-After")
-        except TimeoutError as exc:  # also aiohttp's ServerTimeoutError
-            raise ServiceUnavailable(
-                None, "timeout", f"{method} {url}: no answer within {self._timeout_s:g} s"
-            ) from exc
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise ServiceUnavailable(None, "connection_error", f"{method} {url}: {exc!r}") from exc
-        if 200 <= status < 300:
-            return status, raw
-        raise error_from(status, raw, parse_retry_after(retry_after))
-
-    async def _open_stream(
-        self,
-        url: str,
-        params: dict[str, str],
-        headers: dict[str, str],
-        time_left_s: float,
-    ) -> aiohttp.ClientResponse:
-        session = self._get_session()
-        # No total: a month's CSV may take longer than timeout_s; each wait may not.
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=max(time_left_s, 0.001), sock_read=self._timeout_s
-        )
-        try:
-            response = await session.request(
-                "GET", url, params=params, headers=headers, timeout=timeout, raise_for_status=False
-            )
-            if 200 <= response.status < 300:
-                return response
-            try:
-                raw = await response.read()
-            finally:
-                response.release()
-        except TimeoutError as exc:
-            raise ServiceUnavailable(
-                None, "timeout", f"GET report: no answer within {self._timeout_s:g} s"
-            ) from exc
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise ServiceUnavailable(None, "connection_error", f"GET report: {exc!r}") from exc
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        raise error_from(response.status, raw, retry_after)
-
-    def _wait_before_retry(self, retry_after_s: float | None, attempt: int) -> float:
-        if retry_after_s is not None:
-            # The service knows when it expects to be free; the cap keeps a large value
-            # from stalling the caller (who can still retry later by itself).
-            return min(retry_after_s, self._max_retry_wait_s)
-        # Jitter, so that callers turned away together do not all come back together.
-        backoff = _BACKOFF_BASE_S * 2.0 ** (attempt - 1) * random.uniform(0.5, 1.5)  # nosec B311
-        return min(backoff, self._max_retry_wait_s)
-
-
-def _retryable(exc: SegmentsError) -> bool:
-    # Only answers that mean "not now": a connection error or a timeout is not retried,
-    # and neither is any other error (see the module's docstring).
-    return exc.status == 503 or isinstance(exc, RateLimited | SyncInProgress)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds from now: delay-seconds, or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT
-            when = when.replace(tzinfo=datetime.UTC)
-        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(seconds, 0.0)
-
-
-def _id(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    return value
-
-
-def _part(value: str, name: str) -> str:
-    """One path segment.  "", "." and ".." would name another path once quoted (dot
-    segments are resolved in URLs); the service accepts none of them anyway."""
-    if value in ("", ".", ".."):
-        raise ValueError(f"invalid {name} {value!r}")
-    return quote(value, safe="")
-
-
-def _segment_path(slug: str) -> str:
-    return f"/v1/segments/{_part(slug, 'slug')}"
-
-
-def _audience_path(merchant_id: int, segment_type: str) -> str:
-    mid = _id(merchant_id, "merchant_id")
-    return f"/v1/merchants/{mid}/segments/{_part(segment_type, 'segment_type')}"
-
-
-def _customers_path(merchant_id: int, segment_type: str) -> str:
-    return "/internal" + _audience_path(merchant_id, segment_type) + "/customers"
-
-
-def _promo_path(promo_id: str) -> str:
-    return f"/v1/promos/{_part(promo_id, 'promo_id')}"
-
-
-def _check_echo(what: str, asked: object, got: object) -> None:
-    if asked != got:
-        raise SegmentsError(200, "invalid_response", f"asked for {what} {asked!r}, got {got!r}")
