@@ -138,8 +138,7 @@ class AudienceConsumer:
             max_partition_fetch_bytes=32 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             # The group join waits about half the session timeout on a new member:
-            # 6 s (the brokers' minimum by default) instead of 10 s: partitions were
-            # assigned after 3.4 s instead of 5.4 s in bench/ingest.py.
+            # the brokers' minimum (6 s) gets a starting consumer its partitions sooner.
             session_timeout_ms=6000,
             heartbeat_interval_ms=2000,
         )
