@@ -152,6 +152,23 @@ async def _interrupted_rebuild(clean: Container, users: int, stop_at: int) -> in
     return int(mark)
 
 
+async def _rebuild_writes(clean: Container) -> list[int]:
+    """Run a rebuild (batches of 10) to completion; the users it wrote, in order."""
+    written: list[int] = []
+    write_users = clean.cache.write_users
+
+    async def recording(states: Sequence[UserState]) -> None:
+        written.extend(s.user_id for s in states)
+        await write_users(states)
+
+    clean.cache.write_users = recording  # type: ignore[method-assign]
+    try:
+        assert await SegmentService(clean.store, clean.cache, rebuild_batch=10).rebuild_cache()
+    finally:
+        del clean.cache.write_users
+    return written
+
+
 async def test_a_rebuild_resumes_from_an_interrupted_ones_mark(clean: Container) -> None:
     writer = clean.segments
     await writer.create_segment("a")
@@ -170,18 +187,7 @@ async def test_a_rebuild_resumes_from_an_interrupted_ones_mark(clean: Container)
     assert await reader.user_segments(mark + 1) == ["a"]
     assert (reader.reads_from_cache, reader.reads_from_store) == (1, 1)
 
-    written: list[int] = []
-    write_users = clean.cache.write_users
-
-    async def recording(states: Sequence[UserState]) -> None:
-        written.extend(s.user_id for s in states)
-        await write_users(states)
-
-    clean.cache.write_users = recording  # type: ignore[method-assign]
-    try:
-        assert await SegmentService(clean.store, clean.cache, rebuild_batch=10).rebuild_cache()
-    finally:
-        del clean.cache.write_users
+    written = await _rebuild_writes(clean)
     # The second rebuild wrote only the users after the mark.
     assert written == list(range(mark + 1, 51))
     assert await clean.cache.is_complete()
@@ -201,18 +207,7 @@ async def test_a_flush_between_rebuilds_means_starting_over(clean: Container) ->
     await clean.cache._r.flushall()
     await _interrupted_rebuild(clean, 40, stop_at=30)
     await clean.cache._r.flushall()
-    written: list[int] = []
-    write_users = clean.cache.write_users
-
-    async def recording(states: Sequence[UserState]) -> None:
-        written.extend(s.user_id for s in states)
-        await write_users(states)
-
-    clean.cache.write_users = recording  # type: ignore[method-assign]
-    try:
-        assert await SegmentService(clean.store, clean.cache, rebuild_batch=10).rebuild_cache()
-    finally:
-        del clean.cache.write_users
+    written = await _rebuild_writes(clean)
     assert written == list(range(1, 41))
     reader = SegmentService(clean.store, clean.cache)
     assert await reader.users_segments(list(range(1, 41))) == {u: ["a"] for u in range(1, 41)}
