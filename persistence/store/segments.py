@@ -3,9 +3,11 @@ rows, under the registry lock."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import asyncpg
 
-from persistence.store.pool import PgPool
+from persistence.store.pool import Conn, PgPool
 from service.domain.errors import SegmentExists, SegmentNotFound
 from service.domain.model import Registry, RegistryEntry, Segment
 
@@ -80,17 +82,7 @@ class SegmentTables(PgPool):
         """Change a live segment's description and/or percentage rule; a rule that
         changes gets a ``rule_changed`` row in segment_history, in the same transaction."""
         async with self.transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
-            # The row lock first, then the time: a change of a user naming this segment
-            # that committed before us is stamped before it (it held the row FOR SHARE).
-            old = await conn.fetchrow(
-                "SELECT id, auto_bp FROM segments"
-                " WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",
-                slug,
-            )
-            if old is None:
-                raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
-            at = await conn.fetchval("SELECT clock_timestamp()")
+            old, at = await _lock_live(conn, slug)
             row = await conn.fetchrow(
                 "UPDATE segments SET"
                 " description = coalesce($2, description),"
@@ -119,16 +111,7 @@ class SegmentTables(PgPool):
 
     async def delete_segment(self, slug: str) -> Segment:
         async with self.transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
-            # The row lock first, then the time (as in update_segment).
-            old = await conn.fetchrow(
-                "SELECT id, auto_bp FROM segments"
-                " WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",
-                slug,
-            )
-            if old is None:
-                raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
-            at = await conn.fetchval("SELECT clock_timestamp()")
+            old, at = await _lock_live(conn, slug)
             sid = old["id"]
             row = await conn.fetchrow(
                 "UPDATE segments SET deleted_at = $2, version = nextval('change_id_seq')"
@@ -177,3 +160,19 @@ class SegmentTables(PgPool):
             version=max((r["version"] for r in rows), default=0),
             segments={r["id"]: RegistryEntry(r["slug"], r["auto_bp"]) for r in rows if r["live"]},
         )
+
+
+async def _lock_live(conn: Conn, slug: str) -> tuple[asyncpg.Record, dt.datetime]:
+    """Lock the live segment ``slug`` (its id and rule) for a change, and take the
+    change's time.  The registry lock, then the row lock, then the time: a change of a
+    user naming this segment that committed before us is stamped before it (it held the
+    row FOR SHARE)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", REGISTRY_LOCK)
+    old = await conn.fetchrow(
+        "SELECT id, auto_bp FROM segments WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",
+        slug,
+    )
+    if old is None:
+        raise SegmentNotFound(f"segment {slug!r} does not exist", {"slugs": [slug]})
+    at: dt.datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return old, at
