@@ -101,9 +101,10 @@ class UserStates(PgPool):
             if not rows:
                 return
             after = rows[-1]["user_id"]
-            states = [_state(r) for r in rows if r["ids"] or r["excluded"]]
-            if states:
-                yield states
+            # Users with nothing too: their empty state at its version replaces a key an
+            # older write left after a flush (a rebuild batch or a write-through read
+            # before it), which nothing else would replace.
+            yield [_state(r) for r in rows]
 
     async def _states(self, conn: Conn, users: Sequence[tuple[int, int]]) -> list[UserState]:
         """The states of ``(user_id, version)`` pairs, in their order, in one statement."""

@@ -111,7 +111,7 @@ OUTBOX_AGE = Gauge(
     multiprocess_mode="mostrecent",
 )
 # A cache rebuild of this process: users written so far, and how many PostgreSQL knows
-# when it starts (an upper bound: users with nothing to show are not written).
+# when it starts (every one is written, users with nothing to show too).
 REBUILD_WRITTEN = Gauge(
     "segments_cache_rebuild_users_written",
     "Users written to Redis by this process's current (or last) cache rebuild",
