@@ -154,12 +154,17 @@ class Memberships(CacheBase):
         server runs that completed it, and any new run drops it, so the copy is
         rebuilt."""
         async with _guard(self._errors):
-            complete, run_ids = await self._r.hmget(keys.META, ["complete", "run_id"])
+            complete, run_ids, building_runs = await self._r.hmget(
+                keys.META, ["complete", "run_id", "building_runs"]
+            )
             if complete is None:
+                # Likewise a rebuild under way on a server that restarted since it began
+                # (its `building` and marks restored from the files): it must mark no
+                # more, and no later rebuild may resume from its marks.
+                if building_runs is not None and _text(building_runs) != await self._run_ids():
+                    await self._on_every_meta("HDEL", "building", "building_runs", "rebuilt_to")
                 return False
-            if isinstance(run_ids, bytes):  # bytes unless the client decodes responses
-                run_ids = run_ids.decode()
-            if run_ids is not None and run_ids != await self._run_ids():
+            if run_ids is not None and _text(run_ids) != await self._run_ids():
                 await self.invalidate()
                 return False
             return True
@@ -236,3 +241,8 @@ class Memberships(CacheBase):
     async def invalidate(self) -> None:
         async with _guard(self._errors):
             await self._on_every_meta("HDEL", "complete", "rebuilt_to")
+
+
+def _text(value: str | bytes) -> str:
+    # bytes unless the client decodes responses
+    return value.decode() if isinstance(value, bytes) else value

@@ -33,6 +33,8 @@ class Rebuild(CacheBase):
                     self._take_bucket,
                     [((meta,), [previous or "", generation]) for meta in keys.ALL_METAS],
                 )
+                # The server runs this rebuild writes to (is_complete: a restart ends it).
+                await self._r.hset(keys.META, "building_runs", await self._run_ids())
             except self._errors:
                 # Else the lease outlives this failed start by its whole term, and no
                 # process rebuilds meanwhile.

@@ -192,6 +192,8 @@ class CacheCopy:
             for phase in self._rebuild_phases:
                 await phase()
             done = await self._cache.finish_rebuild(generation)
+            if not done:  # superseded: the next rebuild need not wait out the lease
+                self._give_up_lease(generation)
         except (CacheUnavailable, StorageUnavailable) as exc:
             log.warning("cache rebuild interrupted: %s", exc)
             self._give_up_lease(generation)

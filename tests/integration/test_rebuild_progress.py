@@ -224,3 +224,30 @@ async def test_progress_mark_tells_how_far_a_rebuild_came(clean: Container) -> N
     assert [await cache.progress_mark(u) for u in (5, 1023, 1024, 10**12)] == [7, 7, 7, 7]
     assert await cache.finish_rebuild(generation)
     assert await cache.progress_mark(5) is None
+
+
+async def test_a_server_restart_ends_the_rebuild_it_interrupted(clean: Container) -> None:
+    """A Redis restarted from its files mid-rebuild brings back the rebuild's
+    `building` and marks, but maybe not the last writes behind them: the rebuild marks
+    no more, reads stop trusting its marks and the next rebuild starts over."""
+    cache: RedisCache = clean.cache
+    await cache._r.flushall()
+    generation = await cache.begin_rebuild(30)
+    assert generation is not None
+    await cache.write_registry(Registry(3, {10: RegistryEntry("A", None)}))
+    await cache.write_users([UserState(5, 2, (Membership(10),))])
+    assert await cache.mark_rebuilt(generation, 7)
+    now = time.time()
+    assert (await cache.read_user(5, now)).member_ids == (10,)
+    assert not await cache.is_complete()  # same server: the rebuild goes on
+    assert await cache.mark_rebuilt(generation, 8)
+    # As if the server had restarted since the rebuild began (a new run id).
+    await cache._r.hset(keys.META, "building_runs", "an-earlier-run")
+    assert not await cache.is_complete()
+    assert await cache.read_user(5, now) is None
+    assert not await cache.mark_rebuilt(generation, 9)
+    assert not await cache.finish_rebuild(generation)
+    await cache.release_rebuild(generation)  # as rebuild_cache does when superseded
+    again = await cache.begin_rebuild(30)
+    assert again is not None
+    assert await cache.resume_point(again) == 0
