@@ -164,7 +164,9 @@ async def build(
             "%sREPORT_SECRET is not set: report links work only on this process", ENV_PREFIX
         )
         secret = secrets.token_bytes(32)
-    reports = HistoryReports(store, secret, settings.report_link_ttl_s)
+    reports = HistoryReports(
+        store, secret, settings.report_link_ttl_s, max_rows_per_s=settings.report_max_rows_per_s
+    )
     audiences = AudienceService(audience_store, max_ids=MAX_AUDIENCE_IDS)
     promos = PromoService(
         promo_store,

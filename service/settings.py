@@ -67,6 +67,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # generates one and shares it).
     report_secret: str = ""
     report_link_ttl_s: float = 3600.0
+    # Pacing of a report's download (CSV rows/s, 0: unpaced): streamed at full speed a
+    # month-wide report takes a core of PostgreSQL and of the API from the reads.
+    report_max_rows_per_s: float = 200_000.0
     # Base of the report links handed out, e.g. https://segments.example.com; empty: the
     # scheme and host of the request.
     public_base_url: str = ""
@@ -193,6 +196,7 @@ DOCS: dict[str, str] = {
     "(-1: the server's `max_parallel_workers_per_gather`); workers take cores from reads",
     # "report_secret": set below.
     "report_link_ttl_s": "how long a report link works",
+    "report_max_rows_per_s": "pace of a report's download, CSV rows/s (0: unpaced)",
     "public_base_url": "base of report links (default: the request's scheme and host)",
     "sweep_interval_s": "reconciler round: outbox drain and expiry sweep",
     "sweep_batch": "users per expiry-sweep transaction",

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from service.domain import history
 from service.domain.errors import DomainError, InvalidRequest
+from service.domain.pacing import Pacer
 from service.domain.ports import HistorySource
 from service.domain.rules import ID_RANGE_SHORT, bad_id, is_valid_user_id
 
@@ -141,11 +142,13 @@ class HistoryReports:
         secret: bytes,
         link_ttl_s: float,
         clock: Callable[[], float] = time.time,
+        max_rows_per_s: float = 0.0,
     ) -> None:
         self._store = store
         self._secret = secret
         self._ttl = link_ttl_s
         self._clock = clock
+        self._max_rows_per_s = max_rows_per_s
 
     def create_link(self, period: str, user_id: int | None) -> tuple[str, float]:
         now = self._clock()
@@ -170,9 +173,19 @@ class HistoryReports:
         sink: Callable[[bytes], Awaitable[None]],
         lang: str = "en",
     ) -> None:
-        """The header, then every change a reader saw in [start, end), in time order."""
+        """The header, then every change a reader saw in [start, end), in time order,
+        at most ``max_rows_per_s`` rows a second: while the sink waits, PostgreSQL's
+        COPY waits too (asyncpg stops reading it), so the pace bounds both."""
         await sink((";".join(CSV_HEADER) + "\n").encode())
-        await self._store.history_csv(start, end, user_id, FORMULA_STARTS, sink, LABELS[lang])
+        pace = Pacer(self._max_rows_per_s)
+        pace.start()
+
+        async def paced(chunk: bytes) -> None:
+            await sink(chunk)
+            await pace(chunk.count(b"\n"))
+
+        out = paced if self._max_rows_per_s > 0 else sink
+        await self._store.history_csv(start, end, user_id, FORMULA_STARTS, out, LABELS[lang])
 
     async def explain(self, user_id: int) -> list[history.Explanation]:
         """Why a user is (or is not) in each live segment that includes them or has an

@@ -1,11 +1,13 @@
 import base64
 import datetime as dt
 import string
+import time
 
 import pytest
 
 from service.domain.errors import InvalidRequest
 from service.domain.reports import (
+    HistoryReports,
     LinkExpired,
     LinkInvalid,
     parse_period,
@@ -63,3 +65,29 @@ def test_link_shows_nothing_of_its_query() -> None:
         assert uid.to_bytes(8, "big") not in raw and str(uid).encode() not in raw
         assert b"2026" not in raw and (2026).to_bytes(2, "big") not in raw
         assert set(token) <= set(string.ascii_letters + string.digits + "-_")
+
+
+async def test_a_paced_report_streams_at_its_rate_and_all_of_it() -> None:
+    rows = [f"{u};A;add;2026-11-01 00:00:00\n".encode() for u in range(1, 2001)]
+
+    class Source:
+        async def history_csv(self, start, end, user_id, formula_starts, sink, labels):  # type: ignore[no-untyped-def]
+            for i in range(0, len(rows), 100):
+                await sink(b"".join(rows[i : i + 100]))
+
+    got: list[bytes] = []
+
+    async def sink(chunk: bytes) -> None:
+        got.append(chunk)
+
+    start, end = parse_period("2026-11", NOW)
+    for rate, at_least in ((10_000.0, 0.18), (0.0, 0.0)):
+        got.clear()
+        reports = HistoryReports(Source(), b"k" * 32, 60, max_rows_per_s=rate)  # type: ignore[arg-type]
+        t = time.monotonic()
+        await reports.write_csv(start, end, None, sink)
+        elapsed = time.monotonic() - t
+        assert b"".join(got[1:]) == b"".join(rows)  # every row, after the header
+        assert elapsed >= at_least
+        if not rate:
+            assert elapsed < 0.1
