@@ -13,11 +13,15 @@ from cache.base import CacheBase, _guard
 class Rebuild(CacheBase):
     """One process rebuilds at a time, under a lease; completion is marked per bucket."""
 
-    async def begin_rebuild(self, lease_s: float) -> str | None:
-        generation = secrets.token_hex(8)
+    async def begin_rebuild(self, lease_s: float, generation: str | None = None) -> str | None:
+        generation = generation or secrets.token_hex(8)
         async with _guard(self._errors):
-            if not await self._r.set(
-                keys.REBUILD_LEASE, generation, nx=True, px=int(lease_s * 1000)
+            lease_ms = int(lease_s * 1000)
+            taken = await self._r.set(keys.REBUILD_LEASE, generation, nx=True, px=lease_ms)
+            # Held already: by this generation if an earlier try's SET landed though its
+            # reply was lost (renew_lease then extends it), else by another rebuild.
+            if not taken and not await self._call(
+                self._renew, [keys.REBUILD_LEASE], [generation, lease_ms]
             ):
                 return None
             # `building` lives in the meta hashes, so a FLUSHALL (or a shard restart)

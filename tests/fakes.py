@@ -254,13 +254,14 @@ class FakeCache:
         if self.registry is None or self.registry.version < registry.version:
             self.registry = registry
 
-    async def begin_rebuild(self, lease_s: float) -> str | None:
+    async def begin_rebuild(self, lease_s: float, generation: str | None = None) -> str | None:
         self._check()
-        if self.lease is not None:
+        generation = generation or secrets.token_hex(4)
+        if self.lease is not None and self.lease != generation:
             return None
         # A mark survives into the next rebuild only while its rebuild's `building` does.
         kept = self.rebuilt_to if self.building is not None else None
-        self.lease = self.building = secrets.token_hex(4)
+        self.lease = self.building = generation
         self.rebuilt_to = kept
         return self.lease
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -152,12 +153,15 @@ class CacheCopy:
         flushed again meanwhile.  Safe to run concurrently with writes: every user
         write is versioned, so the rebuild never overwrites a newer state.
         """
-        generation: str | None = None
+        # Known before the lease is asked for: a start that fails after its lease landed
+        # gives that lease up too.
+        generation: str | None = secrets.token_hex(8)
         # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
         writing: asyncio.Task[None] | None = None
         try:
-            generation = await self._begin_rebuild()
-            if generation is None:
+            assert generation is not None  # nosec B101: set just above
+            if await self._begin_rebuild(generation) is None:
+                generation = None  # held by another process: not ours to release
                 return False
             started = time.monotonic()
             await self._cache.write_registry(await self._store.registry())
@@ -216,17 +220,19 @@ class CacheCopy:
         )
         return done
 
-    async def _begin_rebuild(self) -> str | None:
+    async def _begin_rebuild(self, generation: str) -> str | None:
         """Take the rebuild lease, tried again after a Redis timeout: right after a
         FLUSHALL of millions of keys Valkey stalls past the read timeout, and a rebuild
-        given up then is taken over by an API process, in the loop that serves reads."""
+        given up then is taken over by an API process, in the loop that serves reads.
+        Every try asks under the same generation: a try whose reply was lost may have
+        taken the lease, and the next one takes it over rather than waiting it out."""
         for delay in _REBUILD_RETRY_DELAYS_S:
             try:
-                return await self._cache.begin_rebuild(self._rebuild_lease_s)
+                return await self._cache.begin_rebuild(self._rebuild_lease_s, generation)
             except CacheUnavailable as exc:
                 log.warning("cache rebuild: starting failed (%s); again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-        return await self._cache.begin_rebuild(self._rebuild_lease_s)
+        return await self._cache.begin_rebuild(self._rebuild_lease_s, generation)
 
     async def _renew_rebuild(self, generation: str) -> bool:
         """Extend the lease, tried again after a Redis timeout (the lease outlasts the

@@ -127,8 +127,10 @@ class Cache(Protocol):
 
     async def write_registry(self, registry: Registry) -> None: ...
 
-    async def begin_rebuild(self, lease_s: float) -> str | None:
-        """Take the rebuild lease; return a generation token, or None if held elsewhere."""
+    async def begin_rebuild(self, lease_s: float, generation: str | None = None) -> str | None:
+        """Take the rebuild lease under ``generation`` (a new token if None) and return
+        it; None if held under another.  A lease already held under ``generation`` is
+        taken: a retry after a lost reply must not lock its own rebuild out."""
         ...
 
     async def renew_rebuild(self, generation: str, lease_s: float) -> bool:

@@ -251,3 +251,14 @@ async def test_a_server_restart_ends_the_rebuild_it_interrupted(clean: Container
     again = await cache.begin_rebuild(30)
     assert again is not None
     assert await cache.resume_point(again) == 0
+
+
+async def test_a_lease_taken_under_a_generation_is_taken_again_by_it(clean: Container) -> None:
+    cache: RedisCache = clean.cache
+    await cache._r.flushall()
+    # An earlier try's SET landed; its reply did not.
+    await cache._r.set(keys.REBUILD_LEASE, "g-1", px=30_000)
+    assert await cache.begin_rebuild(30, "g-2") is None
+    assert await cache.begin_rebuild(30, "g-1") == "g-1"
+    assert await cache._r.pttl(keys.REBUILD_LEASE) > 29_000
+    assert await cache.begin_rebuild(30) is None

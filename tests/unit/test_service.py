@@ -282,3 +282,47 @@ async def test_during_a_rebuild_reads_above_its_mark_skip_redis() -> None:
     assert asked == [30, 10, 33]
     if reader._rebuild_task is not None:
         reader._rebuild_task.cancel()
+
+
+async def test_a_start_whose_reply_was_lost_keeps_its_lease() -> None:
+    """The lease was taken but the reply timed out: the retry (same generation) takes
+    the rebuild on instead of finding the lease held and leaving it for its term."""
+    store, cache = FakeStore(), FakeCache()
+    writer = SegmentService(store, cache, clock=lambda: store.now)
+    await writer.create_segment("A")
+    await writer.update_user(1, [AddRequest("A")], [])
+    cache.flush()
+    begin = cache.begin_rebuild
+    tries: list[str | None] = []
+
+    async def lost_reply(lease_s: float, generation: str | None = None) -> str | None:
+        tries.append(generation)
+        taken = await begin(lease_s, generation)
+        if len(tries) == 1:
+            raise CacheUnavailable("Timeout reading")  # it landed all the same
+        return taken
+
+    cache.begin_rebuild = lost_reply  # type: ignore[method-assign]
+    assert await writer.rebuild_cache()
+    assert len(tries) == 2 and tries[0] == tries[1] is not None
+    assert await writer.user_segments(1) == ["A"]
+
+
+async def test_a_start_that_keeps_failing_releases_the_lease_it_may_hold() -> None:
+    store, cache = FakeStore(), FakeCache()
+    service = SegmentService(store, cache, clock=lambda: store.now)
+    cache.flush()
+    begin = cache.begin_rebuild
+
+    async def always_lost(lease_s: float, generation: str | None = None) -> str | None:
+        await begin(lease_s, generation)
+        raise CacheUnavailable("Timeout reading")
+
+    cache.begin_rebuild = always_lost  # type: ignore[method-assign]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("service.domain.cache_copy._REBUILD_RETRY_DELAYS_S", (0.0, 0.0))
+        assert not await service.rebuild_cache()
+    assert cache.lease is not None
+    assert service._release_task is not None
+    await service._release_task
+    assert cache.lease is None  # the next rebuild need not wait out the lease
