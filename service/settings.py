@@ -52,9 +52,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fallback_concurrency: int = 16
     # Size of the user batches written to Redis while rebuilding the cache.
     rebuild_batch: int = 10000
-    # Pacing of the rebuild (users/s, 0: unpaced).  Unpaced by default: reads come from
-    # PostgreSQL until it completes, so a slower rebuild is a longer degraded window.
-    rebuild_max_users_per_s: float = 0.0
+    # Pacing of the rebuild (users/s, 0: unpaced).  Unpaced, it takes most of a Valkey
+    # core, and the reads Redis still serves queue behind its writes; the users it has
+    # passed are read from Redis meanwhile (the progress mark), the rest from PostgreSQL.
+    rebuild_max_users_per_s: float = 25_000.0
     # An API process that finds the cache incomplete leaves the rebuild to the
     # reconciler this long before starting one itself.
     rebuild_delay_s: float = 2.0

@@ -18,8 +18,9 @@ PER_USER = 5
 
 
 async def seed(env: dict[str, str], users: int) -> dict[str, Any]:
-    """Segments through the service, memberships by COPY, then timed cache rebuilds."""
-    container = await build(load_settings(env))
+    """Segments through the service, memberships by COPY, then timed cache rebuilds
+    (unpaced: their capacity, not the shipped pace)."""
+    container = await build(load_settings({**env, "SEGMENTS_REBUILD_MAX_USERS_PER_S": "0"}))
     try:
         for i in range(SEGMENTS):
             await container.segments.create_segment(f"SEG_{i}")

@@ -85,4 +85,7 @@ RETRIES = _Counter()
 
 
 async def container_on(env: dict[str, str], redis_url: str) -> Container:
-    return await build(load_settings({**env, "SEGMENTS_REDIS_URL": redis_url}))
+    # The rebuild's capacity: unpaced (SEGMENTS_REBUILD_MAX_USERS_PER_S, shipped at
+    # 25,000 users/s, is a deliberate cap that leaves Redis to the reads).
+    unpaced = {"SEGMENTS_REDIS_URL": redis_url, "SEGMENTS_REBUILD_MAX_USERS_PER_S": "0"}
+    return await build(load_settings({**env, **unpaced}))
