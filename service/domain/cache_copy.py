@@ -153,15 +153,15 @@ class CacheCopy:
         flushed again meanwhile.  Safe to run concurrently with writes: every user
         write is versioned, so the rebuild never overwrites a newer state.
         """
-        # Known before the lease is asked for: a start that fails after its lease landed
-        # gives that lease up too.
-        generation: str | None = secrets.token_hex(8)
+        generation = secrets.token_hex(8)
+        # The lease a failure gives up: this generation's from before it is asked for (a
+        # start that fails after its lease landed gives that lease up too).
+        ours: str | None = generation
         # Reading the next batch from PostgreSQL overlaps writing this one to Redis.
         writing: asyncio.Task[None] | None = None
         try:
-            assert generation is not None  # nosec B101: set just above
             if await self._begin_rebuild(generation) is None:
-                generation = None  # held by another process: not ours to release
+                ours = None  # held by another process
                 return False
             started = time.monotonic()
             await self._cache.write_registry(await self._store.registry())
@@ -200,11 +200,11 @@ class CacheCopy:
                 self._give_up_lease(generation)
         except (CacheUnavailable, StorageUnavailable) as exc:
             log.warning("cache rebuild interrupted: %s", exc)
-            self._give_up_lease(generation)
+            self._give_up_lease(ours)
             return False
         except Exception:
             log.exception("cache rebuild failed")
-            self._give_up_lease(generation)
+            self._give_up_lease(ours)
             return False
         finally:
             if writing is not None and not writing.done():
