@@ -37,6 +37,11 @@ _ERRORS = (
 _CLUSTER_CLIENT_FAULTS = (AttributeError,)
 
 
+def _text(value: str | bytes) -> str:
+    """A reply as text: bytes unless the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @contextlib.asynccontextmanager
 async def _guard(errors: tuple[type[BaseException], ...] = _ERRORS) -> AsyncIterator[None]:
     try:

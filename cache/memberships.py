@@ -11,7 +11,7 @@ import orjson
 from redis import exceptions as redis_errors
 
 from cache import keys
-from cache.base import CacheBase, _guard
+from cache.base import CacheBase, _guard, _text
 from cache.scripts import READ as _READ
 from service.domain.errors import CacheUnavailable
 from service.domain.model import NEVER, CachedUser, Registry, RegistryEntry, UserState
@@ -241,8 +241,3 @@ class Memberships(CacheBase):
     async def invalidate(self) -> None:
         async with _guard(self._errors):
             await self._on_every_meta("HDEL", "complete", "rebuilt_to")
-
-
-def _text(value: str | bytes) -> str:
-    # bytes unless the client decodes responses
-    return value.decode() if isinstance(value, bytes) else value

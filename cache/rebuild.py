@@ -7,7 +7,7 @@ import contextlib
 import secrets
 
 from cache import keys
-from cache.base import CacheBase, _guard
+from cache.base import CacheBase, _guard, _text
 
 
 class Rebuild(CacheBase):
@@ -31,11 +31,10 @@ class Rebuild(CacheBase):
             # (resume_point); otherwise the mark goes, so no read trusts it.
             try:
                 previous = await self._r.hget(keys.META, "building")
-                if isinstance(previous, bytes):
-                    previous = previous.decode()
+                previous = "" if previous is None else _text(previous)
                 await self._script_calls(
                     self._take_bucket,
-                    [((meta,), [previous or "", generation]) for meta in keys.ALL_METAS],
+                    [((meta,), [previous, generation]) for meta in keys.ALL_METAS],
                 )
                 # The server runs this rebuild writes to (is_complete: a restart ends it).
                 await self._r.hset(keys.META, "building_runs", await self._run_ids())
@@ -56,9 +55,7 @@ class Rebuild(CacheBase):
             replies = await pipe.execute()
         marks = []
         for building, upto in replies:
-            if building is None or upto is None:
-                return 0
-            if (building.decode() if isinstance(building, bytes) else building) != generation:
+            if building is None or upto is None or _text(building) != generation:
                 return 0
             marks.append(int(upto))
         return min(marks)
