@@ -66,11 +66,7 @@ class _FallbackReads:
             if self._running == 0 and self._waiting:
                 # The last runner was cancelled (shutdown): no read may wait forever.
                 waiting, self._waiting = self._waiting, {}
-                gone = StorageUnavailable("reads from PostgreSQL stopped (shutting down)")
-                for futures in waiting.values():
-                    for f in futures:
-                        if not f.done():
-                            f.set_exception(gone)
+                _fail(waiting, _stopped())
 
     async def _drain(self) -> None:
         while self._waiting:
@@ -82,15 +78,7 @@ class _FallbackReads:
                 try:
                     states, registry_version = await self._fetch(ids)
                 except BaseException as exc:  # every read of the batch gets the failure
-                    failure = (
-                        StorageUnavailable("reads from PostgreSQL stopped (shutting down)")
-                        if isinstance(exc, asyncio.CancelledError)
-                        else exc
-                    )
-                    for futures in batch.values():
-                        for f in futures:
-                            if not f.done():
-                                f.set_exception(failure)
+                    _fail(batch, _stopped() if isinstance(exc, asyncio.CancelledError) else exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
@@ -99,6 +87,17 @@ class _FallbackReads:
                 for f in futures:
                     if not f.done():  # its caller may have gone away
                         f.set_result(answer)
+
+
+def _fail(waiting: dict[int, list[asyncio.Future[_Answer]]], exc: BaseException) -> None:
+    for futures in waiting.values():
+        for f in futures:
+            if not f.done():  # its caller may have gone away
+                f.set_exception(exc)
+
+
+def _stopped() -> StorageUnavailable:
+    return StorageUnavailable("reads from PostgreSQL stopped (shutting down)")
 
 
 class SegmentReads(CacheCopy):
