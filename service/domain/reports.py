@@ -177,14 +177,16 @@ class HistoryReports:
         at most ``max_rows_per_s`` rows a second: while the sink waits, PostgreSQL's
         COPY waits too (asyncpg stops reading it), so the pace bounds both."""
         await sink((";".join(CSV_HEADER) + "\n").encode())
-        pace = Pacer(self._max_rows_per_s)
-        pace.start()
+        out = sink
+        if self._max_rows_per_s > 0:
+            pace = Pacer(self._max_rows_per_s)
+            pace.start()
 
-        async def paced(chunk: bytes) -> None:
-            await sink(chunk)
-            await pace(chunk.count(b"\n"))
+            async def paced(chunk: bytes) -> None:
+                await sink(chunk)
+                await pace(chunk.count(b"\n"))
 
-        out = paced if self._max_rows_per_s > 0 else sink
+            out = paced
         await self._store.history_csv(start, end, user_id, FORMULA_STARTS, out, LABELS[lang])
 
     async def explain(self, user_id: int) -> list[history.Explanation]:

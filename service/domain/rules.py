@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from operator import itemgetter
 
 import mmh3
 
@@ -148,6 +147,10 @@ def resolve_expiry(
     return None
 
 
+# Users whose percentage rules a registry remembers (a few MB at most).
+AUTO_MEMO_USERS = 65_536
+
+
 def visible_slugs(
     registry: Registry,
     user_id: int,
@@ -171,15 +174,8 @@ def visible_slugs(
             memo[user_id] = matched
         if matched:
             excluded = set(excluded_ids)
-            if excluded:
-                slugs.update(slug for sid, slug in matched if sid not in excluded)
-            else:
-                slugs.update(map(itemgetter(1), matched))
+            slugs.update(slug for sid, slug in matched if sid not in excluded)
     return sorted(slugs)
-
-
-# Users whose percentage rules a registry remembers (a few MB at most).
-AUTO_MEMO_USERS = 65_536
 
 
 def _auto_matches(registry: Registry, user_id: int) -> tuple[tuple[int, str], ...]:
