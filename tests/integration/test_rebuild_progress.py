@@ -262,3 +262,20 @@ async def test_a_lease_taken_under_a_generation_is_taken_again_by_it(clean: Cont
     assert await cache.begin_rebuild(30, "g-1") == "g-1"
     assert await cache._r.pttl(keys.REBUILD_LEASE) > 29_000
     assert await cache.begin_rebuild(30) is None
+
+
+async def test_one_lease_among_many_concurrent_starts_and_their_retries(
+    clean: Container,
+) -> None:
+    """Twenty rebuilds start at once, then every one tries again under its own
+    generation (as after a lost reply): one of them, and only one, holds the lease."""
+    cache: RedisCache = clean.cache
+    await cache._r.flushall()
+    generations = [f"g-{i}" for i in range(20)]
+    first = await asyncio.gather(*(cache.begin_rebuild(30, g) for g in generations))
+    again = await asyncio.gather(*(cache.begin_rebuild(30, g) for g in generations))
+    winners = {g for g in (*first, *again) if g is not None}
+    assert len(winners) == 1
+    (winner,) = winners
+    assert first.count(winner) == again.count(winner) == 1
+    assert (await cache._r.get(keys.REBUILD_LEASE)).decode() == winner
